@@ -1,0 +1,341 @@
+"""The training recipe's parts: the Brain subclass, the data pipelines and the tokenizer.
+
+They live in the package rather than in train.py so that `conformer-prune decode` evaluates a
+compact model with exactly the code that evaluated the run. Model transforms (gates, shrink) do
+not import this module.
+"""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.decoders.ctc import ctc_greedy_decode
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+from speechbrain.utils.distributed import if_main_process
+
+from conformer_prune.model import count_params, param_state
+from conformer_prune.scoring import error_rates, write_alignments
+
+logger = logging.getLogger(__name__)
+
+
+class ASRBrain(sb.core.Brain):
+    """Conformer CTC/attention training, with the adaptive-dropout regulariser when the YAML
+    declares one (`regulariser`), and decoding that records timing for results.json."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        tokens_bos, _ = batch.tokens_bos
+        if stage == sb.Stage.TRAIN and "wav_augment" in self.hparams.__dict__:
+            wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
+            tokens_bos = self.hparams.wav_augment.replicate_labels(tokens_bos)
+
+        feats = self.hparams.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
+        if stage == sb.Stage.TRAIN and "fea_augment" in self.hparams.__dict__:
+            feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
+            tokens_bos = self.hparams.fea_augment.replicate_labels(tokens_bos)
+
+        asr = self.modules.asr
+        src = asr.CNN(feats)
+        enc_out, pred = asr.Transformer(src, tokens_bos, wav_lens, pad_idx=self.hparams.pad_index)
+        p_ctc = self.hparams.log_softmax(asr.ctc_lin(enc_out))
+        p_seq = self.hparams.log_softmax(asr.seq_lin(pred))
+
+        hyps = None
+        if stage == sb.Stage.TEST:
+            hyps, _, _, _ = self.hparams.test_search(enc_out.detach(), wav_lens)
+        return p_ctc, p_seq, wav_lens, hyps
+
+    def compute_objectives(self, predictions, batch, stage):
+        p_ctc, p_seq, wav_lens, hyps = predictions
+        tokens_eos, tokens_eos_lens = batch.tokens_eos
+        tokens, tokens_lens = batch.tokens
+        if stage == sb.Stage.TRAIN:
+            # Augmenters that add copies of the batch need the labels copied to match.
+            for name in ("wav_augment", "fea_augment"):
+                if name in self.hparams.__dict__:
+                    augment = getattr(self.hparams, name)
+                    tokens_eos = augment.replicate_labels(tokens_eos)
+                    tokens_eos_lens = augment.replicate_labels(tokens_eos_lens)
+                    tokens = augment.replicate_labels(tokens)
+                    tokens_lens = augment.replicate_labels(tokens_lens)
+
+        loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens).sum()
+        loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
+        loss = self.hparams.ctc_weight * loss_ctc + (1 - self.hparams.ctc_weight) * loss_seq
+
+        if stage == sb.Stage.TRAIN and self.regulariser is not None:
+            penalty = self.regulariser(self.modules.asr, self.training_progress())
+            self.regulariser_sum += penalty.detach().item()
+            self.regulariser_batches += 1
+            return loss + penalty
+
+        if stage != sb.Stage.TRAIN:
+            greedy = ctc_greedy_decode(p_ctc, wav_lens, blank_id=self.hparams.blank_index)
+            self.greedy_hyps.extend(self._detokenize(greedy))
+            self.references.extend(batch.wrd)
+            self.ids.extend(batch.id)
+            if hyps is not None:
+                self.beam_hyps.extend(self._detokenize(hyps))
+        return loss
+
+    # ----- helpers -----------------------------------------------------------------------
+
+    @property
+    def regulariser(self):
+        return getattr(self.hparams, "regulariser", None)
+
+    def training_progress(self):
+        """Fraction of all optimiser steps done: the clock of the regulariser's target c(t)."""
+        return min(1.0, self.optimizer_step / max(1, self.total_train_steps))
+
+    def _detokenize(self, token_seqs):
+        return [self.tokenizer.decode_ids([int(t) for t in seq]).upper() for seq in token_seqs]
+
+    # ----- stage hooks ---------------------------------------------------------------------
+
+    def on_stage_start(self, stage, epoch=None):
+        self.ids, self.references, self.greedy_hyps, self.beam_hyps = [], [], [], []
+        self.regulariser_sum, self.regulariser_batches = 0.0, 0
+        self.stage_started = time.perf_counter()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+            if self.regulariser_batches:
+                self.train_stats["regulariser"] = self.regulariser_sum / self.regulariser_batches
+            return
+        if stage == sb.Stage.VALID:
+            self._end_valid_epoch(stage_loss, epoch)
+        else:
+            self._end_test(stage_loss)
+
+    def _end_valid_epoch(self, stage_loss, epoch):
+        rates = error_rates(self.references, self.greedy_hyps)
+        valid_stats = {"loss": stage_loss, "WER": rates["wer"], "CER": rates["cer"]}
+        lr = self.optimizer.param_groups[0]["lr"]
+        entry = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": self.train_stats["loss"],
+            "valid_loss": stage_loss,
+            "valid_wer": rates["wer"],
+            "valid_cer": rates["cer"],
+            "epoch_seconds": time.perf_counter() - self.epoch_started,
+        }
+        entry.update(self._gate_entry())
+        if if_main_process():
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
+                train_stats=self.train_stats,
+                valid_stats=valid_stats,
+            )
+            self._log_gates(entry)
+            with open(self.hparams.history_file, "a", encoding="utf-8") as history:
+                history.write(json.dumps(entry) + "\n")
+        self.checkpointer.save_and_keep_only(
+            meta={"WER": rates["wer"], "epoch": epoch},
+            num_to_keep=self.hparams.keep_checkpoints,
+        )
+
+    def _gate_entry(self):
+        """Per-epoch gate visibility for gated runs (docs/FORMATS.md, history.jsonl)."""
+        if self.regulariser is None:
+            return {}
+        from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
+
+        progress = self.training_progress()
+        return {
+            "regulariser": self.train_stats.get("regulariser"),
+            "regulariser_target": float(self.regulariser.target(progress)),
+            "regulariser_alpha": float(self.regulariser.alpha),
+            "progress": progress,
+            "params_if_shrunk": params_if_shrunk(self.modules.asr),
+            "gates": gate_summary(self.modules.asr),
+        }
+
+    def _log_gates(self, entry):
+        if "gates" not in entry:
+            return
+        lines = [
+            f"gates epoch {entry['epoch']}: regulariser={entry['regulariser']:.4g} "
+            f"target={entry['regulariser_target']:.3f} "
+            f"params_if_shrunk={entry['params_if_shrunk']}"
+        ]
+        for gate in entry["gates"]:
+            lines.append(
+                f"  layer {gate['layer']:2d} {gate['site']:5s} kept {gate['kept']:4d}/"
+                f"{gate['units']:<4d} below_threshold {gate['below_threshold']:4d} "
+                f"mean_retention {gate['mean_retention']:.3f}"
+            )
+        text = "\n".join(lines)
+        logger.info(text)
+        with open(self.hparams.train_log, "a", encoding="utf-8") as log:
+            log.write(text + "\n")
+
+    def on_fit_batch_start(self, batch, should_step):
+        if self.step == 1 or not hasattr(self, "epoch_started"):
+            self.epoch_started = time.perf_counter()
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            self.hparams.lr_annealing(self.optimizer)
+
+    def _end_test(self, stage_loss):
+        rates = error_rates(self.references, self.beam_hyps)
+        greedy = error_rates(self.references, self.greedy_hyps)
+        self.test_result = {
+            "wer": rates["wer"],
+            "cer": rates["cer"],
+            "ctc_greedy_wer": greedy["wer"],
+            "ctc_greedy_cer": greedy["cer"],
+            "utterances": len(self.ids),
+            "decode_seconds": time.perf_counter() - self.stage_started,
+            "loss": stage_loss,
+        }
+        if if_main_process():
+            self.hparams.train_logger.log_stats(
+                stats_meta={"test split": self.test_split}, test_stats=self.test_result
+            )
+            out_dir = Path(self.hparams.output_folder)
+            write_alignments(
+                out_dir / f"wer_{self.test_split}.txt", self.ids, self.references, self.beam_hyps
+            )
+
+
+def init_progress_clock(brain, train_data, hparams):
+    """Tells the Brain how many optimiser steps the whole training has (regulariser clock)."""
+    loader_opts = hparams["train_dataloader_opts"]
+    if "batch_sampler" in loader_opts:
+        batches = len(loader_opts["batch_sampler"])
+    else:
+        batches = math.ceil(len(train_data) / loader_opts.get("batch_size", 1))
+    brain.total_train_steps = hparams["number_of_epochs"] * max(
+        1, batches // hparams.get("grad_accumulation_factor", 1)
+    )
+
+
+# ----- data --------------------------------------------------------------------------------
+
+
+def train_tokenizer(hparams):
+    """Trains (once) the SentencePiece model on the train CSV with SpeechBrain's wrapper."""
+    SentencePiece(
+        model_dir=hparams["tokenizer_folder"],
+        vocab_size=hparams["output_neurons"],
+        annotation_train=hparams["train_csv"],
+        annotation_read="wrd",
+        model_type=hparams["token_type"],
+        character_coverage=1.0,
+        bos_id=hparams["bos_index"],
+        eos_id=hparams["eos_index"],
+    )
+
+
+def tokenizer_model_path(hparams):
+    return Path(hparams["tokenizer_folder"]) / (
+        f"{hparams['output_neurons']}_{hparams['token_type']}.model"
+    )
+
+
+def load_tokenizer(hparams):
+    tokenizer = hparams["tokenizer"]
+    tokenizer.load(str(tokenizer_model_path(hparams)))
+    return tokenizer
+
+
+def csv_dataset(csv_path, max_duration=None):
+    """A dataset sorted by duration; utterances over max_duration are skipped, counted, listed."""
+    data = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=str(csv_path))
+    if not max_duration:
+        return data.filtered_sorted(sort_key="duration")
+    too_long = {uid: ex["duration"] for uid, ex in data.data.items()
+                if float(ex["duration"]) > max_duration}
+    if too_long:
+        listing = ", ".join(f"{uid} ({float(d):.1f}s)" for uid, d in sorted(too_long.items()))
+        logger.info(
+            "%s: skipping %d of %d utterances longer than %.1f s: %s",
+            csv_path, len(too_long), len(data.data), max_duration, listing,
+        )
+    return data.filtered_sorted(sort_key="duration", key_max_value={"duration": max_duration})
+
+
+def dataio_prepare(hparams, tokenizer):
+    """Builds the train, valid and test datasets with their audio and text pipelines."""
+    train_data = csv_dataset(hparams["train_csv"], hparams.get("max_train_duration"))
+    valid_data = csv_dataset(hparams["valid_csv"])
+    test_datasets = {Path(p).stem: csv_dataset(p) for p in hparams["test_csv"]}
+    datasets = [train_data, valid_data, *test_datasets.values()]
+    add_pipelines(datasets, tokenizer, hparams["bos_index"], hparams["eos_index"])
+    if "dynamic_batching" in hparams:
+        # Batches of similar length up to a total duration: little padding, steady memory.
+        hparams["train_dataloader_opts"]["batch_sampler"] = DynamicBatchSampler(
+            train_data,
+            length_func=lambda example: float(example["duration"]),
+            **hparams["dynamic_batching"],
+        )
+    return train_data, valid_data, test_datasets
+
+
+def add_pipelines(datasets, tokenizer, bos_index, eos_index):
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")
+    def text_pipeline(wrd):
+        yield wrd
+        tokens = tokenizer.encode_as_ids(wrd)
+        yield torch.LongTensor([bos_index] + tokens)
+        yield torch.LongTensor(tokens + [eos_index])
+        yield torch.LongTensor(tokens)
+
+    sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(
+        datasets, ["id", "sig", "wrd", "tokens_bos", "tokens_eos", "tokens", "duration"]
+    )
+
+
+def evaluate_splits(brain, test_datasets, hparams):
+    """Decodes every test split; returns the `splits` and `decode` parts of results.json."""
+    splits = {}
+    for split, dataset in test_datasets.items():
+        brain.test_split = split
+        brain.evaluate(
+            dataset,
+            max_key=None,
+            min_key=hparams.get("test_min_key"),
+            test_loader_kwargs=hparams["test_dataloader_opts"],
+        )
+        audio_seconds = sum(float(d["duration"]) for d in dataset)
+        result = dict(brain.test_result)
+        result["audio_seconds"] = audio_seconds
+        result["rtf"] = result["decode_seconds"] / max(audio_seconds, 1e-9)
+        splits[split] = result
+    wall = sum(s["decode_seconds"] for s in splits.values())
+    audio = sum(s["audio_seconds"] for s in splits.values())
+    decode = {
+        "searcher": "ctc_attention_beam",
+        "beam_size": hparams["test_beam_size"],
+        "ctc_weight": hparams["ctc_weight_decode"],
+        "wall_seconds": wall,
+        "audio_seconds": audio,
+        "rtf": wall / max(audio, 1e-9),
+        "threads": torch.get_num_threads(),
+        "device": str(brain.device),
+    }
+    return splits, decode
+
+
+def model_params(asr_modules):
+    return count_params(param_state(asr_modules))

@@ -1,0 +1,117 @@
+"""The ASR model: SpeechBrain's CNN front end, Conformer encoder and Transformer decoder.
+
+One function builds it from plain values (`build_asr_modules`), so that the same call serves the
+training YAML (through `!apply:`) and the compact checkpoint, which stores those values in
+`arch.json` and rebuilds the model without the training configuration.
+"""
+
+import torch
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
+from speechbrain.nnet.linear import Linear
+
+ACTIVATIONS = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
+
+
+def build_asr_modules(
+    vocab_size,
+    n_mels=80,
+    d_model=144,
+    nhead=4,
+    num_encoder_layers=12,
+    num_decoder_layers=4,
+    d_ffn=1024,
+    kernel_size=31,
+    dropout=0.1,
+    activation="gelu",
+    cnn_channels=(64, 32),
+):
+    """Builds the modules of a Conformer CTC/attention model (SpeechBrain conformer_small layout).
+
+    Returns a ModuleDict with the keys a SpeechBrain recipe uses: CNN, Transformer, ctc_lin,
+    seq_lin. Every argument is a plain value so that the call can be written to JSON.
+    """
+    cnn_channels = tuple(cnn_channels)
+    cnn = ConvolutionFrontEnd(
+        input_shape=(8, 10, n_mels),
+        num_blocks=2,
+        num_layers_per_block=1,
+        out_channels=cnn_channels,
+        kernel_sizes=(3, 3),
+        strides=(2, 2),
+        residuals=(False, False),
+    )
+    # Two stride-2 blocks divide the mel axis by 4; the last block's channels are flattened in.
+    cnn_out = cnn_channels[-1] * ((n_mels + 3) // 4)
+    transformer = TransformerASR(
+        input_size=cnn_out,
+        tgt_vocab=vocab_size,
+        d_model=d_model,
+        nhead=nhead,
+        num_encoder_layers=num_encoder_layers,
+        num_decoder_layers=num_decoder_layers,
+        d_ffn=d_ffn,
+        kernel_size=kernel_size,
+        dropout=dropout,
+        activation=ACTIVATIONS[activation],
+        encoder_module="conformer",
+        attention_type="RelPosMHAXL",
+        normalize_before=True,
+        causal=False,
+    )
+    return torch.nn.ModuleDict(
+        {
+            "CNN": cnn,
+            "Transformer": transformer,
+            "ctc_lin": Linear(input_size=d_model, n_neurons=vocab_size),
+            "seq_lin": Linear(input_size=d_model, n_neurons=vocab_size),
+        }
+    )
+
+
+def build_from_arch(arch):
+    """`build_asr_modules(**arch)`, callable from YAML with the `arch` mapping as one argument."""
+    return build_asr_modules(**arch)
+
+
+# Which part of the model each state_dict key belongs to, by its leading module names.
+_PARTS = (
+    ("encoder", ("CNN.", "Transformer.encoder.", "Transformer.custom_src_module.")),
+    ("decoder", ("Transformer.decoder.", "Transformer.custom_tgt_module.", "seq_lin.")),
+    ("ctc", ("ctc_lin.",)),
+)
+GATE_KEY_MARK = "gate.logits"
+
+
+def count_params(state_dict):
+    """Counts parameters per model part from saved tensors (a state_dict of the ModuleDict).
+
+    Gate logits are training-time tensors, not model weights: they are counted apart under
+    `gate_logits`. Buffers that are not weights (positional tables, BatchNorm statistics)
+    are not parameters and are skipped by the caller passing only parameters, or here by name.
+    """
+    counts = {"total": 0, "encoder": 0, "decoder": 0, "ctc": 0, "gate_logits": 0}
+    for key, tensor in state_dict.items():
+        if _is_buffer_key(key):
+            continue
+        if GATE_KEY_MARK in key:
+            counts["gate_logits"] += tensor.numel()
+            continue
+        part = next((name for name, prefixes in _PARTS if key.startswith(prefixes)), None)
+        if part is None:
+            raise ValueError(f"count_params: no model part for tensor {key!r}")
+        counts[part] += tensor.numel()
+        counts["total"] += tensor.numel()
+    return counts
+
+
+def _is_buffer_key(key):
+    """Positional-encoding tables and normalisation running statistics are not parameters."""
+    return "positional_encoding" in key or key.endswith(
+        ("running_mean", "running_var", "num_batches_tracked")
+    )
+
+
+def param_state(modules):
+    """The parameters (no buffers) of a module, as a name -> tensor mapping."""
+    return dict(modules.named_parameters())

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Trains and tests a Conformer CTC/attention recogniser, dense or with adaptive dropout gates.
+
+    python train.py hparams/conformer_dense.yaml --data_folder /path/to/LibriSpeech
+    python train.py hparams/conformer_adrop.yaml --data_folder /path/to/LibriSpeech
+    python train.py hparams/mini/conformer_adrop.yaml --data_folder corpus   # embedded corpus
+    python train.py <yaml> --test_only ...    # decode the run's last checkpoint again
+
+The YAML declares everything (model, gates, regulariser, data, decoding); this file only wires
+SpeechBrain's stages together: prepare -> tokenizer -> fit -> test -> results.json.
+A killed run started again with the same command resumes from its last checkpoint.
+"""
+
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from conformer_prune.asr_brain import (
+    ASRBrain,
+    dataio_prepare,
+    evaluate_splits,
+    init_progress_clock,
+    load_tokenizer,
+    model_params,
+    train_tokenizer,
+)
+from conformer_prune.prepare import prepare_librispeech
+from conformer_prune.scoring import git_commit, hparams_sha256, write_results
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    torch.set_num_threads(hparams.get("num_threads") or torch.get_num_threads())
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+
+    run_on_main(
+        prepare_librispeech,
+        kwargs={
+            "data_folder": hparams["data_folder"],
+            "save_folder": hparams["prepare_folder"],
+            "splits": hparams["train_splits"] + hparams["dev_splits"] + hparams["test_splits"],
+            "max_duration": hparams.get("max_prepare_duration"),
+        },
+    )
+    run_on_main(train_tokenizer, kwargs={"hparams": hparams})
+    tokenizer = load_tokenizer(hparams)
+    train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
+
+    brain = ASRBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["optimizer"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.tokenizer = tokenizer
+    init_progress_clock(brain, train_data, hparams)
+
+    if not run_opts.get("test_only"):
+        brain.fit(
+            brain.hparams.epoch_counter,
+            train_data,
+            valid_data,
+            train_loader_kwargs=hparams["train_dataloader_opts"],
+            valid_loader_kwargs=hparams["valid_dataloader_opts"],
+        )
+
+    splits, decode = evaluate_splits(brain, test_datasets, hparams)
+    if if_main_process():
+        write_run_results(hparams, brain, splits, decode)
+
+
+def write_run_results(hparams, brain, splits, decode):
+    """results.json of the run (docs/FORMATS.md): counts from the tensors of the decoded model."""
+    asr = brain.modules.asr
+    gated = "regulariser" in hparams
+    results = {
+        "name": hparams["experiment_name"],
+        "method": hparams["method"],
+        "seed": hparams["seed"],
+        "model_kind": "gated" if gated else "dense",
+        "git_commit": git_commit(),
+        "hparams_sha256": hparams_sha256(Path(hparams["output_folder"]) / "hyperparams.yaml"),
+        "params": model_params(asr),
+        "decode": decode,
+        "splits": splits,
+        "epochs": brain.hparams.epoch_counter.current,
+    }
+    if gated:
+        from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
+
+        summary = gate_summary(asr)
+        units = sum(g["units"] for g in summary)
+        results["gates"] = {
+            "threshold": hparams["gate_threshold"],
+            "kept_fraction": sum(g["kept"] for g in summary) / max(1, units),
+            "params_if_shrunk": params_if_shrunk(asr),
+        }
+    write_results(Path(hparams["output_folder"]) / "results.json", results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

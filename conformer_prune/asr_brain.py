@@ -18,7 +18,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
-from conformer_prune.model import count_params, param_state
+from conformer_prune.model import GATE_KEY_MARK, count_params, param_state
 from conformer_prune.scoring import error_rates, write_alignments
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,25 @@ class ASRBrain(sb.core.Brain):
             if hyps is not None:
                 self.beam_hyps.extend(self._detokenize(hyps))
         return loss
+
+    def init_optimizers(self):
+        """Gate logits get their own optimizer when the YAML declares `gate_optimizer`.
+
+        Why: the model's AdamW weight decay would pull every logit toward 0 (retention 0.5), and
+        the Noam schedule would tie the gates' step size to the model's warm-up; the gates need a
+        constant rate to follow the regulariser's target over the whole run.
+        """
+        if "gate_optimizer" not in self.hparams.__dict__:
+            return super().init_optimizers()
+        gate_params = [p for name, p in self.modules.named_parameters() if GATE_KEY_MARK in name]
+        gate_ids = {id(p) for p in gate_params}
+        model_params = [p for p in self.modules.parameters() if id(p) not in gate_ids]
+        self.optimizer = self.opt_class(model_params)
+        self.gate_optimizer = self.hparams.gate_optimizer(gate_params)
+        self.optimizers_dict = {"model": self.optimizer, "gates": self.gate_optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+            self.checkpointer.add_recoverable("gate_optimizer", self.gate_optimizer)
 
     # ----- helpers -----------------------------------------------------------------------
 
@@ -154,7 +173,7 @@ class ASRBrain(sb.core.Brain):
         progress = self.training_progress()
         return {
             "regulariser": self.train_stats.get("regulariser"),
-            "regulariser_target": float(self.regulariser.target(progress)),
+            "regulariser_target": float(self.regulariser.schedule.c(progress)),
             "regulariser_alpha": float(self.regulariser.alpha),
             "progress": progress,
             "params_if_shrunk": params_if_shrunk(self.modules.asr),

@@ -1,0 +1,98 @@
+"""The recipe's YAMLs build what they promise, and one training step runs through the Brain."""
+
+import math
+from pathlib import Path
+
+import pytest
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
+
+from conformer_prune.asr_brain import ASRBrain
+from conformer_prune.gates import iter_gates
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_yaml(name, tmp_path, **overrides):
+    overrides = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "run"), **overrides}
+    with open(ROOT / "hparams" / name, encoding="utf-8") as fin:
+        return load_hyperpyyaml(fin, overrides)
+
+
+def fake_batch(vocab_size, bos_index, eos_index, seconds=(1.6, 1.0)):
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for index, duration in enumerate(seconds):
+        tokens = torch.randint(3, vocab_size, (5,), generator=generator)
+        examples.append(
+            {
+                "id": f"utt{index}",
+                "sig": 0.1 * torch.randn(int(16000 * duration), generator=generator),
+                "wrd": "HELLO WORLD",
+                "tokens_bos": torch.cat([torch.tensor([bos_index]), tokens]),
+                "tokens_eos": torch.cat([tokens, torch.tensor([eos_index])]),
+                "tokens": tokens,
+                "duration": duration,
+            }
+        )
+    return PaddedBatch(examples)
+
+
+def one_training_step(hparams):
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams)
+    brain.total_train_steps = 100
+    brain.init_optimizers()
+    batch = fake_batch(hparams["output_neurons"], hparams["bos_index"], hparams["eos_index"])
+    brain.modules.train()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    outputs = brain.compute_forward(batch, sb.Stage.TRAIN)
+    loss = brain.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+    loss.backward()
+    return brain, loss
+
+
+@pytest.mark.parametrize("name", ["conformer_dense.yaml", "conformer_adrop.yaml"])
+def test_librispeech_yaml_has_conformer_small_dimensions_and_trains_one_step(name, tmp_path):
+    hparams = load_yaml(name, tmp_path)
+    transformer = hparams["asr_modules"].Transformer
+    assert len(transformer.encoder.layers) == 12
+    assert len(transformer.decoder.layers) == 4
+    layer = transformer.encoder.layers[0]
+    assert layer.mha_layer.num_heads == 4 and layer.mha_layer.embed_dim == 144
+    assert layer.ffn_module1[1].ffn[0].out_features == 1024
+    assert hparams["output_neurons"] == 5000
+
+    brain, loss = one_training_step(hparams)
+    assert math.isfinite(loss.item())
+    missing = [n for n, p in brain.modules.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    gates = list(iter_gates(brain.modules.asr))
+    if name == "conformer_adrop.yaml":
+        # 12 layers x (2 FFNs + query + value + conv); every logit receives a gradient
+        assert len(gates) == 12 * 5
+        assert all(g.logits.grad.abs().sum() > 0 for _, g in gates)
+    else:
+        assert gates == []
+
+
+def test_gate_logits_get_their_own_optimizer(tmp_path):
+    hparams = load_yaml("mini/conformer_adrop.yaml", tmp_path)
+    brain, _ = one_training_step(hparams)
+    gate_ids = {id(g.logits) for _, g in iter_gates(brain.modules.asr)}
+    model_ids = {id(p) for group in brain.optimizer.param_groups for p in group["params"]}
+    gate_opt_ids = {id(p) for group in brain.gate_optimizer.param_groups for p in group["params"]}
+    assert gate_opt_ids == gate_ids
+    assert not model_ids & gate_ids
+    assert brain.gate_optimizer.param_groups[0].get("weight_decay", 0) == 0
+
+
+def test_regulariser_clock_advances_with_optimizer_steps(tmp_path):
+    hparams = load_yaml("mini/conformer_adrop.yaml", tmp_path)
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams)
+    brain.total_train_steps = 10
+    brain.optimizer_step = 5
+    assert brain.training_progress() == pytest.approx(0.5)
+    brain.optimizer_step = 50
+    assert brain.training_progress() == 1.0

@@ -1,0 +1,283 @@
+import argparse
+import csv
+import json
+import re
+
+import plotly.offline
+import pytest
+
+from conformer_prune.report import (
+    ReportError,
+    add_parser,
+    find_run_dirs,
+    load_run,
+    pareto_front,
+    write_report,
+)
+
+SITES = {"ffn1": 256, "ffn2": 256, "query": 144, "value": 144, "conv": 144}
+LAYERS = 4
+EPOCHS = 3
+
+
+def results(name, method, model_kind, total, wer_clean, wer_other, **extra):
+    """A results.json as docs/FORMATS.md describes it."""
+    splits = {"test-clean": {"wer": wer_clean, "cer": wer_clean / 2, "utterances": 20,
+                             "audio_seconds": 100.0, "decode_seconds": 5.0, "rtf": 0.05}}
+    if wer_other is not None:
+        splits["test-other"] = {"wer": wer_other, "cer": wer_other / 2, "utterances": 20,
+                                "audio_seconds": 100.0, "decode_seconds": 6.0, "rtf": 0.06}
+    return {"name": name, "method": method, "seed": 1986, "model_kind": model_kind,
+            "git_commit": "abc123", "hparams_sha256": "0" * 64,
+            "params": {"total": total, "encoder": int(total * 0.6),
+                       "decoder": int(total * 0.35), "ctc": int(total * 0.05)},
+            "flops_per_audio_second": {"encoder": total * 100.0},
+            "decode": {"searcher": "ctc_attention_beam", "beam_size": 10, "ctc_weight": 0.4,
+                       "wall_seconds": 11.0, "audio_seconds": 200.0, "rtf": 0.055},
+            "splits": splits, **extra}
+
+
+def gates(epoch):
+    """Gates that close a little more each epoch, deeper layers more."""
+    return [{"layer": layer, "site": site, "units": units,
+             "kept": units - epoch * (layer + 1) * units // 20,
+             "below_threshold": epoch * (layer + 1) * units // 20, "mean_retention": 0.8}
+            for layer in range(LAYERS) for site, units in SITES.items()]
+
+
+def history(gated):
+    slower = 1.2 if gated else 1.0  # so that the two runs' curves differ
+    lines = []
+    for epoch in range(1, EPOCHS + 1):
+        entry = {"epoch": epoch, "train_loss": slower * 3.0 / epoch,
+                 "valid_loss": slower * 3.5 / epoch, "valid_wer": slower * 80.0 / epoch,
+                 "valid_cer": 40.0 / epoch, "lr": 0.0008, "epoch_seconds": 60.0}
+        if gated:
+            entry.update({"regulariser": 1.0 / epoch, "regulariser_target": 0.3,
+                          "params_if_shrunk": {"total": 2_000_000 - epoch * 300_000,
+                                               "encoder": 1_000_000, "decoder": 700_000},
+                          "gates": gates(epoch)})
+        lines.append(json.dumps(entry))
+    return "\n".join(lines) + "\n"
+
+
+def write_run(run_dir, results_json, history_jsonl=None):
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps(results_json))
+    if history_jsonl is not None:
+        (run_dir / "history.jsonl").write_text(history_jsonl)
+    return run_dir
+
+
+def write_fake_runs(root):
+    """Four runs below root: dense, gated, shrunk and an old one missing most fields."""
+    gated_results = results("conformer_adrop", "adrop", "gated", 2_000_000, 11.0, 26.0,
+                            gates={"threshold": 0.5, "kept_fraction": 0.55})
+    return {
+        "dense": write_run(root / "conformer_dense" / "1986",
+                           results("conformer_dense", "dense", "dense", 2_000_000, 10.0, 25.0),
+                           history(gated=False)),
+        "gated": write_run(root / "conformer_adrop" / "1986", gated_results, history(gated=True)),
+        "shrunk": write_run(root / "conformer_adrop_shrunk",
+                            results("conformer_adrop_shrunk", "adrop", "shrunk", 1_100_000,
+                                    11.0, 26.5)),
+        "old": write_run(root / "old_run" / "7",
+                         {"name": "old_run", "method": "dense",
+                          "splits": {"test-clean": {"wer": 30.0}}}),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report over the four fake runs, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = write_fake_runs(root)
+    out = tmp_path_factory.mktemp("report")
+    return {"dirs": dirs, "out": out, "index": write_report([root], out)}
+
+
+def read_csv(path):
+    with path.open(newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def test_writes_every_file(report):
+    out = report["out"]
+    assert report["index"] == out / "index.html"
+    expected = ["index.html", "runs.csv", "runs.md", "curves.png", "gates_conformer_adrop.png",
+                "tradeoff_params_total.png", "tradeoff_params_encoder.png",
+                "tradeoff_flops.png", "tradeoff_rtf.png"]
+    for name in expected:
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_page_is_self_contained_with_plotly_once(report):
+    page = report["index"].read_text()
+    banner = plotly.offline.get_plotlyjs()[:200]
+    assert page.count(banner) == 1
+    # Nothing is fetched: no external scripts or stylesheets (the browser test checks requests).
+    assert not re.search(r"<(script|link)[^>]+(src|href)=", page)
+    # 2 test splits + 1 gated run + training curves
+    assert page.count("Plotly.newPlot(") == 4
+    assert 'class="sortable"' in page
+
+
+def test_csv_has_one_row_per_run_with_values(report):
+    rows = read_csv(report["out"] / "runs.csv")
+    assert set(rows) == {"conformer_dense", "conformer_adrop", "conformer_adrop_shrunk",
+                         "old_run"}
+    dense = rows["conformer_dense"]
+    assert dense["method"] == "dense"
+    assert dense["model_kind"] == "dense"
+    assert dense["params_total"] == "2000000"
+    assert dense["params_encoder"] == "1200000"
+    assert dense["params_decoder"] == "700000"
+    assert float(dense["wer_test-clean"]) == 10.0
+    assert float(dense["cer_test-other"]) == 12.5
+    assert float(dense["rtf"]) == 0.055
+    assert float(dense["flops_encoder_per_audio_second"]) == 2e8
+    assert float(rows["conformer_adrop"]["kept_fraction"]) == 0.55
+    assert rows["conformer_adrop_shrunk"]["model_kind"] == "shrunk"
+    old = rows["old_run"]
+    assert old["params_total"] == "" and old["wer_test-other"] == "" and old["rtf"] == ""
+    assert "no params.total" in old["notes"]
+    assert "no test-other WER" in old["notes"]
+    assert "no history.jsonl" in old["notes"]
+    assert rows["conformer_dense"]["notes"] == ""
+
+
+def test_markdown_table(report):
+    lines = (report["out"] / "runs.md").read_text().splitlines()
+    assert lines[0].startswith("| name | method | model_kind |")
+    assert len(lines) == 2 + 4
+    dense = next(line for line in lines if line.startswith("| conformer_dense |"))
+    assert "2,000,000" in dense and "10.00" in dense
+
+
+def test_page_notes_missing_fields(report):
+    page = report["index"].read_text()
+    notes = page[page.index('<section id="notes">'):page.index('<section id="tradeoff">')]
+    assert "old_run" in notes
+    assert "no params.total: left out of the parameter plots" in notes
+    assert "no test-other WER" in notes
+    assert "no history.jsonl: no training curves" in notes
+    assert "conformer_dense</b>" not in notes
+
+
+def test_pareto_front():
+    points = [(1, 10), (2, 5), (3, 7), (4, 4), (5, 4), (0.5, 12)]
+    # (3, 7) loses to (2, 5); (5, 4) ties on WER with fewer params at (4, 4)
+    assert pareto_front(points) == [5, 0, 1, 3]
+    assert pareto_front([(2, 5), (2, 5)]) == [0, 1]  # equal points do not beat each other
+    assert pareto_front([(1, 1)]) == [0]
+    assert pareto_front([]) == []
+
+
+def test_load_run_reads_gates_and_history(report):
+    run = load_run(report["dirs"]["gated"])
+    assert run["name"] == "conformer_adrop" and run["model_kind"] == "gated"
+    assert run["params"]["total"] == 2_000_000
+    assert run["splits"]["test-other"]["wer"] == 26.0
+    assert [e["epoch"] for e in run["history"]] == [1, 2, 3]
+    assert run["history"][-1]["params_if_shrunk"] == 1_100_000
+    assert len(run["history"][-1]["gates"]) == LAYERS * len(SITES)
+    assert run["notes"] == []
+
+
+def test_load_run_missing_fields_become_notes(report):
+    run = load_run(report["dirs"]["old"])
+    assert run["params"]["total"] is None and run["history"] is None and run["flops"] is None
+    assert run["model_kind"] == ""
+    assert "no params.total: left out of the parameter plots" in run["notes"]
+
+
+def test_one_run_alone(tmp_path):
+    dirs = write_fake_runs(tmp_path / "runs")
+    index = write_report([dirs["shrunk"]], tmp_path / "out")
+    assert index.is_file()
+    assert set(read_csv(tmp_path / "out" / "runs.csv")) == {"conformer_adrop_shrunk"}
+    assert "No run has gates in history.jsonl." in index.read_text()
+
+
+def test_run_without_any_wer(tmp_path):
+    write_run(tmp_path / "runs" / "empty", {"name": "empty"})
+    index = write_report([tmp_path / "runs"], tmp_path / "out")
+    page = index.read_text()
+    assert "no WER for any split" in page
+    assert "No run has both a WER" in page
+
+
+def test_repeated_names_get_unique_labels(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs / "seeds" / str(seed), {"name": "seeds", "seed": seed})
+    write_run(runs / "adrop" / "1", {"name": "adrop", "seed": 1, "model_kind": "gated"})
+    write_run(runs / "adrop" / "1" / "shrunk", {"name": "adrop", "seed": 1, "model_kind": "shrunk"})
+    for folder in ("a", "b"):
+        write_run(runs / "twins" / folder, {"name": "twins"})
+    write_report([runs], tmp_path / "out")
+    assert set(read_csv(tmp_path / "out" / "runs.csv")) == {
+        "seeds [1]", "seeds [2]", "adrop [gated]", "adrop [shrunk]", "twins [a]", "twins [b]"}
+
+
+def test_find_run_dirs_searches_below_and_drops_repeats(tmp_path):
+    dirs = write_fake_runs(tmp_path)
+    found = find_run_dirs([tmp_path, dirs["gated"]])
+    assert sorted(found) == sorted(dirs.values())
+    with pytest.raises(ReportError, match="nothing: not a folder"):
+        find_run_dirs([tmp_path / "nothing"])
+
+
+def test_folder_without_results(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match=re.escape(f"{tmp_path / 'empty'}: no results.json")):
+        write_report([tmp_path / "empty"], tmp_path / "out")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"params": {"total": "many"}}', "params.total: expected a number"),
+    ('{"splits": {"test-clean": {"wer": "low"}}}', "splits.test-clean.wer: expected a number"),
+    ('{"splits": [1]}', "splits: expected a JSON object"),
+])
+def test_malformed_results_names_the_file(tmp_path, text, message):
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "results.json"
+    path.write_text(text)
+    with pytest.raises(ReportError, match=re.escape(str(path)) + ".*" + re.escape(message)):
+        write_report([tmp_path], tmp_path / "out")
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"epoch": 2, "train_loss": ', "not valid JSON"),
+    ("[2]", "expected a JSON object"),
+    ('{"epoch": 2, "valid_wer": "high"}', "valid_wer: expected a number"),
+    ('{"epoch": 2, "gates": [{"layer": 0, "site": "ffn1", "units": 8}]}', "missing kept"),
+    ('{"epoch": 2, "gates": [{"layer": 0, "site": "ffn1", "units": 0, "kept": 0}]}',
+     "expected a positive number"),
+])
+def test_malformed_history_names_file_and_line(tmp_path, bad_line, message):
+    run_dir = write_run(tmp_path / "run", results("r", "adrop", "gated", 1000, 10.0, None),
+                        '{"epoch": 1, "train_loss": 2.0}\n' + bad_line + "\n")
+    with pytest.raises(ReportError) as error:
+        load_run(run_dir)
+    assert f"{run_dir / 'history.jsonl'}:2: " in str(error.value)
+    assert message in str(error.value)
+
+
+def test_cli_subcommand(tmp_path, capsys):
+    dirs = write_fake_runs(tmp_path / "runs")
+    parser = argparse.ArgumentParser(prog="conformer-prune")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+
+    # The old run alone: quick, as it has nothing to plot.
+    args = parser.parse_args(["report", str(dirs["old"]), "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    assert str(tmp_path / "out" / "index.html") in capsys.readouterr().out
+
+    (dirs["old"] / "results.json").write_text("{")
+    args = parser.parse_args(["report", str(dirs["old"]), "--out", str(tmp_path / "out2")])
+    assert args.func(args) == 1
+    assert str(dirs["old"] / "results.json") in capsys.readouterr().err

@@ -1,0 +1,694 @@
+"""Shrink: remove closed units physically, save and reload compact models, export for SpeechBrain.
+
+    conformer-prune shrink results/<name>/<seed>/ --out compact/<name>   # a training run folder
+    conformer-prune shrink path/to/CKPT+... --out DIR                    # or one checkpoint folder
+
+As in DPHuBERT, each prunable module type has one function that removes its closed units and
+returns the new module with its widths (`shrink_ffn`, `shrink_attention`, `shrink_conv`);
+`shrink_modules` collects the widths into a JSON-able dict. A compact model is rebuilt from
+`arch.json` alone: `build_asr_modules(**arch)`, then `apply_widths` swaps in compact modules of the
+saved widths, then the weights load strictly. Design and formulas: docs/PRUNING.md.
+"""
+
+import inspect
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import SafeConstructor
+from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
+from speechbrain.nnet.activations import Swish
+from speechbrain.nnet.attention import PositionalwiseFeedForward, RelPosMHAXL
+from speechbrain.utils.checkpoints import Checkpointer
+from torch import nn
+from torch.nn import functional as F
+
+from conformer_prune.gated_conformer import (
+    MODULE_PATHS,
+    attention_mask_4d,
+    encoder_layers,
+    gated_modules,
+    insert_gates,
+    relpos_attention,
+    set_threshold,
+)
+from conformer_prune.model import build_asr_modules, count_params, param_state
+
+# -------------------------------------------------------------------------- compact modules
+
+
+def _quiet(build):
+    """Builds modules that may have zero-sized weights (a fully pruned site) without torch's
+    'Initializing zero-element tensors is a no-op' warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return build()
+
+
+class PhantomLayerNorm(nn.Module):
+    """LayerNorm over the kept channels of a layer whose other channels hold constants.
+
+    The pruned channels of the gated convolution module are constant (their depthwise bias); they
+    still enter the statistics of the original LayerNorm over all `total` channels. This module
+    adds them back ("phantom" constants) with the original channel count, which is exact:
+    mean = (sum_kept x + sum_phantom c) / total,
+    var = (sum_kept (x - mean)^2 + sum_phantom (c - mean)^2) / total.
+    """
+
+    def __init__(self, channels, total, eps=1e-5):
+        super().__init__()
+        self.total = total
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.phantom = nn.Parameter(torch.zeros(total - channels))
+
+    def forward(self, x):
+        mean = (x.sum(-1, keepdim=True) + self.phantom.sum()) / self.total
+        squares = (x - mean).pow(2).sum(-1, keepdim=True)
+        squares = squares + (self.phantom - mean).pow(2).sum(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(squares / self.total + self.eps) * self.weight + self.bias
+
+    def extra_repr(self):
+        return f"channels={self.weight.numel()}, total={self.total}, eps={self.eps}"
+
+
+class CompactConvolutionModule(ConvolutionModule):
+    """SpeechBrain's convolution module with `channels` depthwise channels out of `input_size`.
+
+    Same submodules and forward as ConvolutionModule (so Dynamic Chunk Convolution works too),
+    with a PhantomLayerNorm after the depthwise convolution. With no channel left the module's
+    output is the bias of its last Linear: only that bias is kept.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        channels,
+        kernel_size=31,
+        activation=Swish,
+        dropout=0.0,
+        causal=False,
+        dilation=1,
+        eps=1e-5,
+    ):
+        nn.Module.__init__(self)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.causal = causal
+        self.dilation = dilation
+        # SpeechBrain's padding rule.
+        span = (kernel_size - 1) * 2 ** (dilation - 1)
+        self.padding = span if causal else span // 2
+        if channels == 0:
+            self.bias = nn.Parameter(torch.zeros(input_size))
+            self.dropout = nn.Dropout(dropout)
+            return
+        self.layer_norm = nn.LayerNorm(input_size)
+        self.bottleneck = nn.Sequential(nn.Conv1d(input_size, 2 * channels, 1), nn.GLU(dim=1))
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            padding=self.padding,
+            dilation=dilation,
+            groups=channels,
+        )
+        self.after_conv = nn.Sequential(
+            PhantomLayerNorm(channels, input_size, eps),
+            activation(),
+            nn.Linear(channels, input_size),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x, mask=None, dynchunktrain_config=None):
+        if self.channels > 0:
+            return super().forward(x, mask, dynchunktrain_config)
+        out = self.dropout(self.bias.expand(*x.shape[:-1], -1))
+        return out if mask is None else out.masked_fill(mask, 0.0)
+
+
+class RaggedRelPosMHAXL(RelPosMHAXL):
+    """RelPosMHAXL whose heads have their own query/key width and value width.
+
+    Parameters: `in_proj_weight` stacks the query rows of all heads, then the key rows, then the
+    value rows (head after head inside each block); `pos_bias_u`, `pos_bias_v` and `linear_pos`
+    have one entry/row per query dimension; `out_proj` one column per value dimension. Heads with
+    no value dimension are gone. The score scale stays SpeechBrain's 1 / sqrt(embed_dim) of the
+    original width, so the compact scores equal the gated ones.
+    """
+
+    def __init__(
+        self, embed_dim, num_heads, query_widths, value_widths, dropout=0.0, mask_pos_future=False
+    ):
+        nn.Module.__init__(self)
+        if len(query_widths) != num_heads or len(value_widths) != num_heads:
+            raise ValueError("RaggedRelPosMHAXL: one query and one value width per head")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.query_widths = list(query_widths)
+        self.value_widths = list(value_widths)
+        self.dropout = dropout
+        self.mask_pos_future = mask_pos_future
+        self.vbias = None
+        self.scale = embed_dim**-0.5
+        self.attn_fill_value = -float("inf")
+        queries, values = sum(query_widths), sum(value_widths)
+        self.in_proj_weight = nn.Parameter(torch.zeros(2 * queries + values, embed_dim))
+        self.pos_bias_u = nn.Parameter(torch.zeros(queries))
+        self.pos_bias_v = nn.Parameter(torch.zeros(queries))
+        self.dropout_att = nn.Dropout(dropout)
+        self.linear_pos = _quiet(lambda: nn.Linear(embed_dim, queries, bias=False))
+        self.out_proj = _quiet(lambda: nn.Linear(values, embed_dim))
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        pos_embs,
+        key_padding_mask=None,
+        attn_mask=None,
+        return_attn_weights=True,
+    ):
+        if not (query is key or torch.equal(query, key)) or not (
+            key is value or torch.equal(key, value)
+        ):
+            raise NotImplementedError("RaggedRelPosMHAXL: self-attention only")
+        bsz, qlen = query.shape[:2]
+        queries, values = sum(self.query_widths), sum(self.value_widths)
+        q, k, v = F.linear(query, self.in_proj_weight).split([queries, queries, values], dim=-1)
+        p_k = self.linear_pos(pos_embs)
+        per_head = zip(
+            (q + self.pos_bias_u).split(self.query_widths, dim=-1),
+            (q + self.pos_bias_v).split(self.query_widths, dim=-1),
+            k.split(self.query_widths, dim=-1),
+            p_k.split(self.query_widths, dim=-1),
+            v.split(self.value_widths, dim=-1),
+        )
+        attn_mask = attention_mask_4d(attn_mask, self.num_heads, qlen, key.shape[1])
+        contexts, weights = [], []
+        for head, tensors in enumerate(per_head):
+            if self.value_widths[head] == 0:
+                continue
+            head_mask = attn_mask
+            if attn_mask is not None and attn_mask.shape[1] > 1:
+                head_mask = attn_mask[:, head : head + 1]
+            # (batch, 1 head, time, width), as relpos_attention expects.
+            context, weight = relpos_attention(
+                self, *(t.unsqueeze(1) for t in tensors), key_padding_mask, head_mask
+            )
+            contexts.append(context.squeeze(1))
+            weights.append(weight)
+        if contexts:
+            context = torch.cat(contexts, dim=-1)
+        else:
+            context = query.new_zeros(bsz, qlen, 0)
+        out = self.out_proj(context)
+        if not return_attn_weights:
+            return out
+        return out, torch.cat(weights, dim=1) if weights else None
+
+    def extra_repr(self):
+        return f"query_widths={self.query_widths}, value_widths={self.value_widths}"
+
+
+# --------------------------------------------------- compact modules of given widths (empty)
+
+
+def compact_ffn(ffn, width):
+    """A PositionalwiseFeedForward like `ffn` with `width` hidden units."""
+    linear1, activation, dropout, _ = ffn.ffn
+    return _quiet(
+        lambda: PositionalwiseFeedForward(
+            width, input_size=linear1.in_features, dropout=dropout.p, activation=type(activation)
+        )
+    )
+
+
+def compact_attention(mha, widths):
+    return RaggedRelPosMHAXL(
+        mha.embed_dim,
+        mha.num_heads,
+        widths["query"],
+        widths["value"],
+        dropout=mha.dropout,
+        mask_pos_future=mha.mask_pos_future,
+    )
+
+
+def compact_conv(conv, channels):
+    norm, activation, _, dropout = conv.after_conv
+    return CompactConvolutionModule(
+        conv.layer_norm.normalized_shape[0],
+        channels,
+        kernel_size=conv.kernel_size,
+        activation=type(activation),
+        dropout=dropout.p,
+        causal=conv.causal,
+        dilation=conv.dilation,
+        eps=norm.eps,
+    )
+
+
+COMPACT_BUILDERS = {
+    "ffn1": compact_ffn,
+    "ffn2": compact_ffn,
+    "attention": compact_attention,
+    "conv": compact_conv,
+}
+
+# ------------------------------------------------------------------- shrink gated modules
+
+
+@torch.no_grad()
+def _fill(compact, tensors):
+    """Copies tensors into the compact module's parameters, by name."""
+    params = dict(compact.named_parameters())
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+
+
+def shrink_ffn(ffn):
+    """Removes closed hidden units: rows of the first Linear, columns of the second."""
+    keep = ffn.kept().nonzero().squeeze(1)
+    compact = compact_ffn(ffn, len(keep))
+    linear1, _, _, linear2 = ffn.ffn
+    _fill(
+        compact,
+        {
+            "ffn.0.weight": linear1.weight[keep],
+            "ffn.0.bias": linear1.bias[keep],
+            "ffn.3.weight": linear2.weight[:, keep],
+            "ffn.3.bias": linear2.bias,
+        },
+    )
+    return compact, len(keep)
+
+
+def shrink_attention(mha):
+    """Removes closed query dims (Wq, Wk, pos_bias_u/v, linear_pos rows) and closed value dims
+    (Wv rows, out_proj columns); heads become ragged."""
+    q_keep, v_keep = mha.kept()
+    widths = {"query": q_keep.sum(1).tolist(), "value": v_keep.sum(1).tolist()}
+    compact = compact_attention(mha, widths)
+    head_dim = mha.head_dim
+    q_units = q_keep.flatten().nonzero().squeeze(1)  # unit = head * head_dim + dim
+    v_units = v_keep.flatten().nonzero().squeeze(1)
+    # in_proj_weight is laid out head by head, [q_h; k_h; v_h]: unit f of head h = f // head_dim
+    # has its query row at f + 2 * head_dim * h, its key row head_dim later and its value row
+    # 2 * head_dim later.
+    q_rows = q_units + 2 * head_dim * (q_units // head_dim)
+    k_rows = q_rows + head_dim
+    v_rows = v_units + 2 * head_dim * (v_units // head_dim) + 2 * head_dim
+    weight = mha.in_proj_weight
+    _fill(
+        compact,
+        {
+            "in_proj_weight": torch.cat([weight[q_rows], weight[k_rows], weight[v_rows]]),
+            # pos_bias_u is stored (head_dim, heads), read as (heads, head_dim): flat index = unit.
+            "pos_bias_u": mha.pos_bias_u.flatten()[q_units],
+            "pos_bias_v": mha.pos_bias_v.flatten()[q_units],
+            "linear_pos.weight": mha.linear_pos.weight[q_units],
+            "out_proj.weight": mha.out_proj.weight[:, v_units],
+            "out_proj.bias": mha.out_proj.bias,
+        },
+    )
+    return compact, widths
+
+
+def shrink_conv(conv):
+    """Removes closed depthwise channels: both GLU rows of the first pointwise conv, the depthwise
+    filter, the LayerNorm entries and the last Linear's column; their depthwise biases stay as
+    the phantom constants of the LayerNorm."""
+    kept = conv.kept()
+    keep, closed = kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)
+    compact = compact_conv(conv, len(keep))
+    linear = conv.after_conv[2]
+    if len(keep) == 0:
+        _fill(compact, {"bias": linear.bias})
+        return compact, 0
+    pointwise, depthwise, norm = conv.bottleneck[0], conv.conv, conv.after_conv[0]
+    glu_rows = torch.cat([keep, keep + depthwise.in_channels])  # GLU: value half, gate half
+    _fill(
+        compact,
+        {
+            "layer_norm.weight": conv.layer_norm.weight,
+            "layer_norm.bias": conv.layer_norm.bias,
+            "bottleneck.0.weight": pointwise.weight[glu_rows],
+            "bottleneck.0.bias": pointwise.bias[glu_rows],
+            "conv.weight": depthwise.weight[keep],
+            "conv.bias": depthwise.bias[keep],
+            "after_conv.0.weight": norm.weight[keep],
+            "after_conv.0.bias": norm.bias[keep],
+            "after_conv.0.phantom": depthwise.bias[closed],
+            "after_conv.2.weight": linear.weight[:, keep],
+            "after_conv.2.bias": linear.bias,
+        },
+    )
+    return compact, len(keep)
+
+
+SHRINKERS = {
+    "ffn1": shrink_ffn,
+    "ffn2": shrink_ffn,
+    "attention": shrink_attention,
+    "conv": shrink_conv,
+}
+
+
+def _replace(layer, name, module, like):
+    """Puts module at the layer's MODULE_PATHS[name], on like's device/dtype and mode."""
+    parent_path, _, attribute = MODULE_PATHS[name].rpartition(".")
+    parent = layer.get_submodule(parent_path) if parent_path else layer
+    reference = next(like.parameters())
+    module.to(device=reference.device, dtype=reference.dtype).train(like.training)
+    setattr(parent, attribute, module)
+
+
+def shrink_modules(modules):
+    """Replaces every gated module by its compact version, in place; returns the widths.
+
+    widths = {"layers": [{"ffn1": int, "ffn2": int, "attention": {"query": [per head],
+    "value": [per head]}, "conv": int}, ...]}, one dict per encoder layer with its gated sites.
+    """
+    layers = []
+    for layer in encoder_layers(modules):
+        widths = {}
+        for name, module in gated_modules(layer):
+            compact, widths[name] = SHRINKERS[name](module)
+            _replace(layer, name, compact, like=module)
+        layers.append(widths)
+    return {"layers": layers}
+
+
+def apply_widths(modules, widths):
+    """Gives a freshly built dense model the compact structure of `widths` (weights unset)."""
+    layers = encoder_layers(modules)
+    if len(widths["layers"]) != len(layers):
+        raise ValueError(
+            f"widths describe {len(widths['layers'])} encoder layers, the model has {len(layers)}"
+        )
+    for layer, layer_widths in zip(layers, widths["layers"]):
+        for name, width in layer_widths.items():
+            dense = layer.get_submodule(MODULE_PATHS[name])
+            _replace(layer, name, COMPACT_BUILDERS[name](dense, width), like=dense)
+    return modules
+
+
+# ------------------------------------------------------------------------ save / load
+
+ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.ckpt"
+
+
+def build_compact(arch, widths):
+    """The compact model structure (random weights) from plain values."""
+    return apply_widths(build_asr_modules(**arch), widths)
+
+
+def save_compact(out_dir, modules, arch, widths):
+    """Writes arch.json ({"arch": build_asr_modules kwargs, "widths": ...}) and model.ckpt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ARCH_FILE, "w", encoding="utf-8") as f:
+        json.dump({"arch": arch, "widths": widths}, f, indent=1)
+    torch.save(modules.state_dict(), out_dir / WEIGHTS_FILE)
+
+
+def load_compact(path):
+    """Rebuilds a compact model from its folder (arch.json + model.ckpt), strictly."""
+    path = Path(path)
+    with open(path / ARCH_FILE, encoding="utf-8") as f:
+        saved = json.load(f)
+    modules = build_compact(saved["arch"], saved["widths"])
+    state = torch.load(path / WEIGHTS_FILE, map_location="cpu")
+    expected = modules.state_dict()
+    for key, tensor in state.items():
+        if key in expected and expected[key].shape != tensor.shape:
+            raise ValueError(
+                f"{path / WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"but {ARCH_FILE} (arch + widths) gives {tuple(expected[key].shape)}"
+            )
+    modules.load_state_dict(state, strict=True)
+    return modules
+
+
+# ------------------------------------------------------------- SpeechBrain inference folder
+
+_N_MELS_DEFAULT = inspect.signature(build_asr_modules).parameters["n_mels"].default
+
+# Decoding defaults: the project's joint CTC/attention beam search and SpeechBrain's features.
+DECODE_DEFAULTS = {
+    "sample_rate": 16000,
+    "n_fft": 400,
+    "bos_index": 1,
+    "eos_index": 2,
+    "blank_index": 0,
+    "beam_size": 10,
+    "ctc_weight": 0.4,
+    "min_decode_ratio": 0.0,
+    "max_decode_ratio": 1.0,
+}
+
+# EncoderDecoderASR needs modules `encoder` (waveform -> encoder states) and `decoder` (the
+# searcher), and `tokenizer`. The layout follows SpeechBrain's asr-conformer-transformerlm-
+# librispeech hyperparams (Fbank -> InputNormalization -> CNN -> Transformer encoder, then
+# S2STransformerBeamSearcher with a CTC scorer), without the language model. The model structure
+# is built from the inline arch and widths and the Pretrainer fills it, with the tokenizer and
+# normalizer, from <name>.ckpt files in the `source` folder: the folder is self-contained.
+INFERENCE_YAML = """\
+# SpeechBrain inference for a compact conformer-prune model (written by conformer_prune.shrink).
+#   EncoderDecoderASR.from_hparams(source=<this folder>, savedir=<this folder>)
+sample_rate: {sample_rate}
+n_fft: {n_fft}
+n_mels: {n_mels}
+bos_index: {bos_index}
+eos_index: {eos_index}
+blank_index: {blank_index}
+beam_size: {beam_size}
+ctc_weight: {ctc_weight}
+
+arch: {arch}
+widths: {widths}
+asr: !apply:conformer_prune.shrink.build_compact
+    arch: !ref <arch>
+    widths: !ref <widths>
+CNN: !apply:getattr [!ref <asr>, CNN]
+Transformer: !apply:getattr [!ref <asr>, Transformer]
+ctc_lin: !apply:getattr [!ref <asr>, ctc_lin]
+seq_lin: !apply:getattr [!ref <asr>, seq_lin]
+
+compute_features: !new:speechbrain.lobes.features.Fbank
+    sample_rate: !ref <sample_rate>
+    n_fft: !ref <n_fft>
+    n_mels: !ref <n_mels>
+normalize: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+Tencoder: !new:speechbrain.lobes.models.transformer.TransformerASR.EncoderWrapper
+    transformer: !ref <Transformer>
+encoder: !new:speechbrain.nnet.containers.LengthsCapableSequential
+    compute_features: !ref <compute_features>
+    normalize: !ref <normalize>
+    cnn: !ref <CNN>
+    transformer_encoder: !ref <Tencoder>
+
+ctc_scorer: !new:speechbrain.decoders.scorer.CTCScorer
+    eos_index: !ref <eos_index>
+    blank_index: !ref <blank_index>
+    ctc_fc: !ref <ctc_lin>
+scorer: !new:speechbrain.decoders.scorer.ScorerBuilder
+    full_scorers: []
+    partial_scorers: [!ref <ctc_scorer>]
+    weights:
+        ctc: !ref <ctc_weight>
+decoder: !new:speechbrain.decoders.S2STransformerBeamSearcher
+    modules: [!ref <Transformer>, !ref <seq_lin>]
+    bos_index: !ref <bos_index>
+    eos_index: !ref <eos_index>
+    min_decode_ratio: {min_decode_ratio}
+    max_decode_ratio: {max_decode_ratio}
+    beam_size: !ref <beam_size>
+    using_eos_threshold: False
+    length_normalization: True
+    scorer: !ref <scorer>
+
+tokenizer: !new:sentencepiece.SentencePieceProcessor
+
+modules:
+    encoder: !ref <encoder>
+    decoder: !ref <decoder>
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        model: !ref <asr>
+        normalizer: !ref <normalize>
+        tokenizer: !ref <tokenizer>
+"""
+
+
+def export_inference_folder(
+    out_dir, modules, arch, widths, tokenizer_path, normalizer, decode_opts=None
+):
+    """Writes a folder that EncoderDecoderASR.from_hparams loads offline.
+
+    Files: arch.json and model.ckpt (as save_compact), tokenizer.ckpt (the SentencePiece model),
+    normalizer.ckpt (`normalizer`: a saved InputNormalization checkpoint file, or the
+    InputNormalization itself), hyperparams.yaml. `decode_opts` overrides DECODE_DEFAULTS.
+    """
+    out_dir = Path(out_dir)
+    save_compact(out_dir, modules, arch, widths)
+    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.ckpt")
+    if isinstance(normalizer, (str, Path)):
+        shutil.copyfile(normalizer, out_dir / "normalizer.ckpt")
+    else:
+        normalizer._save(out_dir / "normalizer.ckpt")
+    opts = {**DECODE_DEFAULTS, **(decode_opts or {})}
+    text = INFERENCE_YAML.format(
+        n_mels=arch.get("n_mels", _N_MELS_DEFAULT),
+        arch=json.dumps(arch),
+        widths=json.dumps(widths),
+        **opts,
+    )
+    (out_dir / "hyperparams.yaml").write_text(text, encoding="utf-8")
+    return out_dir
+
+
+# ---------------------------------------------------------------- the `shrink` subcommand
+
+
+class _PlainConstructor(SafeConstructor):
+    """Reads a resolved training YAML without building anything: tagged nodes become None."""
+
+
+_PlainConstructor.add_multi_constructor("!", lambda constructor, suffix, node: None)
+
+# Where each gate site leaves its mark in a gated state_dict.
+_SITE_KEYS = {
+    "ffn": "ffn_module1.1.gate.logits",
+    "query": "query_gate.logits",
+    "value": "value_gate.logits",
+    "conv": "convolution_module.gate.logits",
+}
+
+
+def load_gated_run(path):
+    """Reads a training run folder (results/<name>/<seed>/) or one of its checkpoint folders.
+
+    The run's resolved hyperparams.yaml is read for plain values only (`arch`, decoding options),
+    because building it with HyperPyYAML would instantiate the whole training setup with paths
+    relative to the training's working directory. The gated model is rebuilt as
+    build_asr_modules(**arch) plus the gate sites found in the checkpoint, whose weights then load
+    strictly. The checkpoint is the run's latest (the end of the pruning schedule).
+
+    Returns a dict: modules (eval mode), arch, hparams (plain values), checkpoint, run_dir,
+    tokenizer (path or None), normalizer (path or None).
+    """
+    path = Path(path)
+    if (path / "hyperparams.yaml").exists():
+        run_dir = path
+        checkpoint = Checkpointer(path / "save").find_checkpoint()
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path}: no checkpoint under save/")
+        checkpoint = checkpoint.path
+    else:
+        run_dir, checkpoint = path.parent.parent, path  # <run>/save/CKPT+...
+    yaml = YAML(typ="safe", pure=True)
+    yaml.Constructor = _PlainConstructor
+    hparams = yaml.load(run_dir / "hyperparams.yaml")
+    arch = hparams["arch"]
+    state = torch.load(checkpoint / WEIGHTS_FILE, map_location="cpu")
+    sites = [site for site, mark in _SITE_KEYS.items() if any(k.endswith(mark) for k in state)]
+    modules = build_asr_modules(**arch)
+    if sites:
+        insert_gates(modules, sites=sites, threshold=hparams.get("gate_threshold", 0.5))
+    modules.load_state_dict(state, strict=True)
+    tokenizers = sorted((run_dir / "save" / "tokenizer").glob("*.model"))
+    normalizer = checkpoint / "normalizer.ckpt"
+    return {
+        "modules": modules.eval(),
+        "arch": arch,
+        "hparams": hparams,
+        "checkpoint": checkpoint,
+        "run_dir": run_dir,
+        "tokenizer": tokenizers[0] if tokenizers else None,
+        "normalizer": normalizer if normalizer.exists() else None,
+    }
+
+
+def decode_opts_from(hparams):
+    """Decoding options from the training YAML's names (see hparams/*.yaml)."""
+    names = {
+        "sample_rate": "sample_rate",
+        "n_fft": "n_fft",
+        "bos_index": "bos_index",
+        "eos_index": "eos_index",
+        "blank_index": "blank_index",
+        "beam_size": "test_beam_size",
+        "ctc_weight": "ctc_weight_decode",
+        "max_decode_ratio": "max_decode_ratio",
+    }
+    return {opt: hparams[key] for opt, key in names.items() if hparams.get(key) is not None}
+
+
+def _parts(counts):
+    return {part: counts[part] for part in ("total", "encoder", "decoder", "ctc")}
+
+
+def shrink_run(path, out_dir, threshold=None):
+    """Shrinks a run's gated checkpoint into an inference folder; returns the report."""
+    run = load_gated_run(path)
+    modules = run["modules"]
+    if threshold is not None:
+        set_threshold(modules, threshold)
+    before = _parts(count_params(param_state(modules)))
+    widths = shrink_modules(modules)
+    if run["tokenizer"] and run["normalizer"]:
+        export_inference_folder(
+            out_dir,
+            modules,
+            run["arch"],
+            widths,
+            run["tokenizer"],
+            run["normalizer"],
+            decode_opts_from(run["hparams"]),
+        )
+    else:
+        print(f"note: no tokenizer or normalizer in {run['run_dir']}: compact model only")
+        save_compact(out_dir, modules, run["arch"], widths)
+    report = {
+        "checkpoint": str(run["checkpoint"]),
+        "threshold": threshold if threshold is not None else run["hparams"].get("gate_threshold"),
+        "params": {"before": before, "after": _parts(count_params(param_state(modules)))},
+        "widths": widths,
+    }
+    with open(Path(out_dir) / "shrink_report.json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "shrink",
+        help="remove pruned units of a gated checkpoint; write a compact inference folder",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("run_or_ckpt", help="results/<name>/<seed>/ or a save/CKPT+... folder")
+    parser.add_argument("--out", required=True, help="the compact model folder to write")
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="keep a unit iff its retention >= this (default: the run's gate_threshold)",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args):
+    report = shrink_run(args.run_or_ckpt, args.out, args.threshold)
+    before, after = report["params"]["before"], report["params"]["after"]
+    for part in before:
+        print(f"{part}: {before[part]} -> {after[part]} parameters")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,285 @@
+"""Gates, schedules, regulariser and gate insertion on tiny random models (CPU, seconds)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+from conformer_prune.gated_conformer import (
+    gate_summary,
+    insert_gates,
+    params_if_shrunk,
+    set_threshold,
+)
+from conformer_prune.gates import (
+    AdaptiveDropout,
+    RetentionRegulariser,
+    TargetSchedule,
+    iter_gates,
+    logit,
+)
+from conformer_prune.model import build_asr_modules, count_params, param_state
+
+TINY = dict(
+    vocab_size=12,
+    n_mels=16,
+    d_model=16,
+    nhead=2,
+    num_encoder_layers=2,
+    num_decoder_layers=1,
+    d_ffn=24,
+    kernel_size=3,
+    cnn_channels=(4, 4),
+)
+
+
+def tiny_modules(seed=0):
+    torch.manual_seed(seed)
+    return build_asr_modules(**TINY)
+
+
+def encode(modules, feats, lens):
+    return modules["Transformer"].encode(modules["CNN"](feats), lens)
+
+
+# ------------------------------------------------------------------------ AdaptiveDropout
+
+
+def test_gate_initial_state():
+    gate = AdaptiveDropout(5, init_retention=0.9)
+    assert gate.units == 5
+    assert torch.allclose(gate.logits, torch.full((5,), math.log(9.0)))
+    assert torch.allclose(gate.retention(), torch.full((5,), 0.9))
+    assert torch.isclose(gate.expected_kept(), torch.tensor(4.5))
+    assert gate.keep_mask().all()
+
+
+def test_training_mask_is_relaxed_per_example_and_differentiable():
+    torch.manual_seed(0)
+    gate = AdaptiveDropout(6, temperature=0.5).train()
+    x = torch.ones(4, 3, 6)
+    y = gate(x)
+    masks = y[:, 0, :]
+    assert ((masks > 0) & (masks < 1)).all()
+    assert torch.equal(y[:, 0], y[:, 2])  # one sample per example, shared over time
+    assert not torch.equal(masks[0], masks[1])  # but different between examples
+    y.sum().backward()
+    assert gate.logits.grad is not None and (gate.logits.grad != 0).all()
+
+
+def test_relaxed_mask_follows_retention():
+    torch.manual_seed(0)
+    gate = AdaptiveDropout(2).train()
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([logit(0.9), logit(0.1)]))
+    means = gate.mask(20000).detach().mean(0)
+    # The binary concrete sample has mean p exactly in the limit tau -> 0 and is symmetric:
+    assert means[0] > 0.8 and means[1] < 0.2
+    assert abs(float(means[0] + means[1]) - 1.0) < 0.02
+
+
+def test_hard_straight_through():
+    torch.manual_seed(0)
+    gate = AdaptiveDropout(8, hard=True, init_retention=0.5).train()
+    mask = gate.mask(16)
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    mask.sum().backward()
+    assert (gate.logits.grad != 0).all()
+
+
+def test_eval_is_deterministic_threshold_without_scaling():
+    gate = AdaptiveDropout(4, unit_dim=1)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([2.0, -2.0, 0.0, 0.5]))
+    gate.eval()
+    x = torch.randn(3, 4, 5)
+    y = gate(x)
+    assert torch.equal(y[:, 0], x[:, 0]) and torch.equal(y[:, 3], x[:, 3])  # unscaled
+    assert torch.equal(y[:, 2], x[:, 2])  # p = 0.5 >= threshold 0.5: kept
+    assert (y[:, 1] == 0).all()
+    assert torch.equal(gate(x), y)
+    gate.threshold = 0.7
+    assert gate.keep_mask().tolist() == [True, False, False, False]
+
+
+def test_gate_rejects_batch_dimension():
+    with pytest.raises(ValueError):
+        AdaptiveDropout(3, unit_dim=0)
+
+
+# ------------------------------------------------------------------------ TargetSchedule
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "exponential"])
+def test_schedule_falls_from_start_to_end(shape):
+    schedule = TargetSchedule(shape, start=3.0, end=-1.0, span=0.5, delay=0.2)
+    assert schedule.c(0.0) == schedule.c(0.2) == 3.0
+    values = [schedule.c(0.2 + 0.05 * i) for i in range(11)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert schedule.c(0.7) == pytest.approx(-1.0)
+    assert schedule.c(1.0) == pytest.approx(-1.0)
+    assert -1.0 < schedule.c(0.45) < 3.0
+
+
+def test_schedule_linear_midpoint_step_and_constant():
+    assert TargetSchedule("linear", 2.0, -2.0).c(0.5) == pytest.approx(0.0)
+    step = TargetSchedule("step", 2.0, -2.0, delay=0.3)
+    assert step.c(0.29) == 2.0 and step.c(0.3) == -2.0
+    assert TargetSchedule("constant", 2.0, -2.0).c(0.0) == -2.0
+    with pytest.raises(ValueError):
+        TargetSchedule("quadratic")
+
+
+# ------------------------------------------------------------------------ regulariser
+
+
+def _two_gates():
+    model = torch.nn.ModuleDict({"a": AdaptiveDropout(2), "b": AdaptiveDropout(3)})
+    with torch.no_grad():
+        model["a"].logits.copy_(torch.tensor([1.0, 2.0]))
+        model["b"].logits.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    model["a"].unit_cost, model["b"].unit_cost = 4.0, 1.0
+    return model
+
+
+def test_regulariser_value_mean_sum_and_cost_weighted():
+    model = _two_gates()
+    logits = torch.tensor([1.0, 2.0, 0.0, -1.0, 3.0])
+    schedule = TargetSchedule("constant", end=0.5)
+    squares = (logits - 0.5) ** 2
+    mean = RetentionRegulariser(2.0, schedule)(model, 0.3)
+    assert torch.isclose(mean, 2.0 * squares.mean())
+    total = RetentionRegulariser(2.0, schedule, normalise="sum")(model, 0.3)
+    assert torch.isclose(total, 2.0 * squares.sum())
+    weights = torch.tensor([4.0, 4.0, 1.0, 1.0, 1.0])
+    weighted = RetentionRegulariser(1.0, schedule, cost_weighted=True)(model, 0.3)
+    assert torch.isclose(weighted, (squares * weights / weights.mean()).mean())
+    weighted.backward()
+    assert model["a"].logits.grad is not None
+
+
+def test_regulariser_pulls_logits_toward_target():
+    model = _two_gates()
+    regulariser = RetentionRegulariser(1.0, TargetSchedule("linear", 3.0, -3.0))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(50):
+        optimiser.zero_grad()
+        regulariser(model, 1.0).backward()
+        optimiser.step()
+    assert regulariser.target == -3.0
+    logits = torch.cat([g.logits for _, g in iter_gates(model)])
+    assert torch.allclose(logits, torch.tensor(-3.0), atol=1e-3)
+
+
+def test_budget_mode_moves_alpha_toward_target():
+    model = _two_gates()
+    model["w"] = torch.nn.Linear(10, 10)  # 110 dense parameters (gate logits do not count)
+    schedule = TargetSchedule("constant", end=-3.0)
+    above = RetentionRegulariser(1.0, schedule, target_params=50, budget_every=1)
+    above(model, 0.5)
+    assert above.alpha > 1.0  # nearly all units open: above budget, push harder
+    below = RetentionRegulariser(1.0, schedule, target_params=100, budget_every=1)
+    with torch.no_grad():
+        for _, gate in iter_gates(model):
+            gate.logits.fill_(-5.0)
+    below(model, 0.5)
+    assert below.alpha < 1.0
+
+
+def test_regulariser_needs_gates():
+    with pytest.raises(ValueError):
+        RetentionRegulariser(1.0, TargetSchedule())(torch.nn.Linear(2, 2), 0.0)
+
+
+# ------------------------------------------------------------------------ insert_gates
+
+
+def test_insert_gates_all_open_is_the_dense_model():
+    dense = tiny_modules().eval()
+    gated = insert_gates(copy.deepcopy(dense)).eval()
+    feats, lens = torch.randn(3, 40, TINY["n_mels"]), torch.tensor([1.0, 0.8, 0.5])
+    with torch.no_grad():
+        assert torch.allclose(encode(dense, feats, lens), encode(gated, feats, lens), atol=1e-6)
+    keys = [k for k in gated.state_dict() if k not in dense.state_dict()]
+    assert keys and all(k.endswith("gate.logits") for k in keys)
+    counts = count_params(gated.state_dict())
+    d_model, d_ffn, layers = TINY["d_model"], TINY["d_ffn"], TINY["num_encoder_layers"]
+    assert counts["gate_logits"] == layers * (2 * d_ffn + 3 * d_model)
+    assert params_if_shrunk(gated) == {
+        k: v for k, v in count_params(param_state(dense)).items() if k != "gate_logits"
+    }
+
+
+@pytest.mark.parametrize("sites", [("ffn",), ("query",), ("value",), ("conv",), ("query", "conv")])
+def test_switched_off_sites_add_nothing(sites):
+    gated = insert_gates(tiny_modules(), sites=sites)
+    names = {row["site"] for row in gate_summary(gated)}
+    expected = set(sites) - {"ffn"} | ({"ffn1", "ffn2"} if "ffn" in sites else set())
+    assert names == expected
+    assert len(list(iter_gates(gated))) == TINY["num_encoder_layers"] * len(expected)
+
+
+def test_insert_gates_on_transformer_and_unknown_site():
+    transformer = tiny_modules()["Transformer"]
+    assert insert_gates(transformer, sites=["conv"]) is transformer
+    assert len(list(iter_gates(transformer))) == TINY["num_encoder_layers"]
+    with pytest.raises(ValueError):
+        insert_gates(tiny_modules(), sites=("ffn", "heads"))
+    with pytest.raises(ValueError, match="already gated"):
+        insert_gates(transformer, sites=["conv"])
+
+
+def test_training_step_reaches_every_gate():
+    gated = insert_gates(tiny_modules(), temperature=0.5).train()
+    feats, lens = torch.randn(2, 30, TINY["n_mels"]), torch.tensor([1.0, 0.6])
+    encode(gated, feats, lens).pow(2).mean().backward()
+    for name, gate in iter_gates(gated):
+        assert gate.logits.grad is not None and gate.logits.grad.abs().sum() > 0, name
+
+
+def test_unit_costs_reported_by_gated_modules():
+    gated = insert_gates(tiny_modules())
+    d, k = TINY["d_model"], TINY["kernel_size"]
+    layer = gated["Transformer"].encoder.layers[0]
+    assert layer.ffn_module1[1].gate.unit_cost == 2 * d + 1
+    assert layer.mha_layer.query_gate.unit_cost == 3 * d + 2
+    assert layer.mha_layer.value_gate.unit_cost == 2 * d
+    assert layer.convolution_module.gate.unit_cost == 3 * d + k + 4
+
+
+def test_gate_summary_counts_and_threshold_override():
+    gated = insert_gates(tiny_modules(), sites=("ffn",))
+    with torch.no_grad():
+        gate = gated["Transformer"].encoder.layers[1].ffn_module2[1].gate
+        gate.logits[:5] = -1.0
+    row = next(r for r in gate_summary(gated) if r["layer"] == 1 and r["site"] == "ffn2")
+    assert row["units"] == TINY["d_ffn"] and row["kept"] == TINY["d_ffn"] - 5
+    assert row["below_threshold"] == 5
+    assert row["mean_retention"] == pytest.approx(float(gate.retention().detach().mean()))
+    set_threshold(gated, 0.99)
+    assert all(r["kept"] == 0 for r in gate_summary(gated))
+
+
+def test_insert_gates_from_hyperpyyaml():
+    yaml = """
+arch:
+    vocab_size: 12
+    n_mels: 16
+    d_model: 16
+    nhead: 2
+    num_encoder_layers: 1
+    num_decoder_layers: 1
+    d_ffn: 24
+    kernel_size: 3
+    cnn_channels: [4, 4]
+asr_modules: !apply:conformer_prune.gated_conformer.insert_gates
+    modules_or_transformer: !apply:conformer_prune.model.build_from_arch [!ref <arch>]
+    sites: [ffn, conv]
+    init_retention: 0.9
+"""
+    hparams = load_hyperpyyaml(yaml)
+    gates = list(iter_gates(hparams["asr_modules"]))
+    assert len(gates) == 3
+    assert all(abs(float(g.retention().detach()[0]) - 0.9) < 1e-6 for _, g in gates)

@@ -25,9 +25,9 @@ from conformer_prune.asr_brain import (
     evaluate_splits,
     init_progress_clock,
     load_tokenizer,
-    model_params,
     train_tokenizer,
 )
+from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.scoring import git_commit, hparams_sha256, write_results
 
@@ -80,6 +80,12 @@ def main(argv):
         write_run_results(hparams, brain, splits, decode)
 
 
+def params_of_saved_model(brain):
+    """Parameter counts from the tensors of the checkpoint that was decoded."""
+    checkpoint = brain.checkpointer.find_checkpoint()
+    return count_params(torch.load(checkpoint.paramfiles["model"], map_location="cpu"))
+
+
 def write_run_results(hparams, brain, splits, decode):
     """results.json of the run (docs/FORMATS.md): counts from the tensors of the decoded model."""
     asr = brain.modules.asr
@@ -91,7 +97,7 @@ def write_run_results(hparams, brain, splits, decode):
         "model_kind": "gated" if gated else "dense",
         "git_commit": git_commit(),
         "hparams_sha256": hparams_sha256(Path(hparams["output_folder"]) / "hyperparams.yaml"),
-        "params": model_params(asr),
+        "params": params_of_saved_model(brain),
         "decode": decode,
         "splits": splits,
         "epochs": brain.hparams.epoch_counter.current,

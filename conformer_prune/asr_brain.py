@@ -18,7 +18,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
-from conformer_prune.model import GATE_KEY_MARK, count_params, param_state
+from conformer_prune.model import GATE_KEY_MARK
 from conformer_prune.scoring import error_rates, write_alignments
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,6 @@ class ASRBrain(sb.core.Brain):
             "ctc_greedy_cer": greedy["cer"],
             "utterances": len(self.ids),
             "decode_seconds": time.perf_counter() - self.stage_started,
-            "loss": stage_loss,
         }
         if if_main_process():
             self.hparams.train_logger.log_stats(
@@ -354,7 +353,3 @@ def evaluate_splits(brain, test_datasets, hparams):
         "device": str(brain.device),
     }
     return splits, decode
-
-
-def model_params(asr_modules):
-    return count_params(param_state(asr_modules))

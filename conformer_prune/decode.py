@@ -1,0 +1,139 @@
+"""`conformer-prune decode`: decode and score a compact (shrunk) model folder.
+
+The folder written by `conformer-prune shrink` is a SpeechBrain inference folder; its
+hyperparams.yaml builds the compact model, features and beam searcher, and its Pretrainer loads
+the weights, normaliser and tokenizer. Evaluation then runs through the same ASRBrain code as
+the training recipe's test stage, so that the gated and the shrunk model are scored alike.
+"""
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.nnet.losses import ctc_loss, kldiv_loss
+from speechbrain.utils.epoch_loop import EpochCounter
+from speechbrain.utils.train_logger import FileTrainLogger
+
+from conformer_prune.asr_brain import ASRBrain, add_pipelines, csv_dataset, evaluate_splits
+from conformer_prune.model import count_params
+from conformer_prune.prepare import prepare_librispeech
+from conformer_prune.scoring import git_commit, hparams_sha256, read_results, write_results
+
+logger = logging.getLogger(__name__)
+DEFAULT_SPLITS = ("test-clean", "test-other")
+
+
+def load_inference_folder(model_dir, overrides=None):
+    """The folder's hyperparams with weights, normaliser and tokenizer loaded (as from_hparams)."""
+    model_dir = Path(model_dir).resolve()
+    hparams_file = model_dir / "hyperparams.yaml"
+    if not hparams_file.exists():
+        raise FileNotFoundError(
+            f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
+        )
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides or {})
+    pretrainer = hparams["pretrainer"]
+    pretrainer.set_collect_in(model_dir)
+    pretrainer.collect_files(default_source=model_dir)
+    pretrainer.load_collected()
+    return hparams
+
+
+def decode_hparams(inference, output_folder, batch_size):
+    """What ASRBrain's test stage reads, from the inference folder's objects."""
+    return {
+        **inference,
+        "test_search": inference["decoder"],
+        "log_softmax": torch.nn.LogSoftmax(dim=-1),
+        # The test stage also reports the ASR loss; its weights do not change any hypothesis.
+        "ctc_cost": partial(ctc_loss, blank_index=inference["blank_index"]),
+        "seq_cost": partial(kldiv_loss, reduction="batchmean"),
+        "ctc_weight": 0.3,
+        "pad_index": 0,
+        "epoch_counter": EpochCounter(limit=0),
+        "output_folder": str(output_folder),
+        "train_logger": FileTrainLogger(save_file=str(Path(output_folder) / "decode_log.txt")),
+        "test_dataloader_opts": {"batch_size": batch_size},
+        "test_beam_size": inference["beam_size"],
+        "ctc_weight_decode": inference["ctc_weight"],
+    }
+
+
+def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, threads=None,
+                  overrides=None):
+    """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json."""
+    model_dir = Path(model_dir).resolve()
+    if threads:
+        torch.set_num_threads(threads)
+    inference = load_inference_folder(model_dir, overrides)
+    hparams = decode_hparams(inference, model_dir, batch_size)
+    csvs = prepare_librispeech(data_folder, model_dir / "data", splits=tuple(splits))
+    test_datasets = {split: csv_dataset(csvs[split]) for split in splits}
+    tokenizer = inference["tokenizer"]
+    add_pipelines(list(test_datasets.values()), tokenizer, inference["bos_index"],
+                  inference["eos_index"])
+
+    modules = {"asr": inference["asr"], "normalize": inference["normalize"]}
+    brain = ASRBrain(modules=modules, hparams=hparams, run_opts={"device": "cpu"})
+    brain.tokenizer = tokenizer
+    splits_result, decode = evaluate_splits(brain, test_datasets, hparams)
+    results = {
+        **origin_of(model_dir),
+        "model_kind": "shrunk",
+        "git_commit": git_commit(),
+        "hparams_sha256": hparams_sha256(model_dir / "hyperparams.yaml"),
+        "params": count_params(torch.load(model_dir / "model.ckpt", map_location="cpu")),
+        "decode": decode,
+        "splits": splits_result,
+    }
+    write_results(model_dir / "results.json", results)
+    return results
+
+
+def origin_of(model_dir):
+    """Name, method and seed of the run the compact model was shrunk from (shrink_report.json)."""
+    report_file = model_dir / "shrink_report.json"
+    if not report_file.exists():
+        return {"name": model_dir.name, "method": "unknown"}
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    run_results = read_results(Path(report["checkpoint"]).parent.parent / "results.json")
+    origin = {
+        "name": f"{run_results.get('name', model_dir.parent.name)}_shrunk",
+        "method": run_results.get("method", "unknown"),
+        "gates": {"threshold": report.get("threshold"), "shrunk_from": report["checkpoint"]},
+    }
+    if "seed" in run_results:
+        origin["seed"] = run_results["seed"]
+    return origin
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "decode",
+        help="decode and score a compact model folder (results.json, wer_<split>.txt)",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("model_dir", help="a folder written by `conformer-prune shrink`")
+    parser.add_argument("--data-folder", required=True, help="a LibriSpeech-layout folder")
+    parser.add_argument("--splits", default=",".join(DEFAULT_SPLITS),
+                        help="comma-separated splits to decode (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="override the folder's beam size")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args):
+    overrides = {"beam_size": args.beam_size} if args.beam_size else None
+    results = decode_folder(args.model_dir, args.data_folder, args.splits.split(","),
+                            args.batch_size, args.threads, overrides)
+    for split, scores in results["splits"].items():
+        print(f"{split}: WER {scores['wer']:.2f}%  CER {scores['cer']:.2f}%  RTF {scores['rtf']:.3f}")
+    print(f"params: {results['params']}")
+    return 0

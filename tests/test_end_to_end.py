@@ -1,0 +1,106 @@
+"""The whole pipeline on a tiny built corpus, as a user runs it:
+
+synth-corpus -> train.py (prepare, tokenizer, gated training, test) -> shrink -> decode -> report.
+A tiny model and one short epoch: the point is that every stage runs, writes what
+docs/FORMATS.md promises, and that the shrunk model decodes exactly as the gated one did.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformer_prune.cli import main as cli_main
+from conformer_prune.synth import build_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_ARCH = (
+    "{vocab_size: 40, n_mels: 80, d_model: 32, nhead: 2, num_encoder_layers: 2, "
+    "num_decoder_layers: 1, d_ffn: 64, kernel_size: 7, dropout: 0.1, activation: gelu, "
+    "cnn_channels: [8, 8, 8]}"
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(out, hours=0.02, seed=7, eval_hours=0.004, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gated_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "adrop"
+    command = [
+        sys.executable, "train.py", "hparams/mini/conformer_adrop.yaml",
+        f"--data_folder={corpus}", f"--output_folder={run_dir}",
+        "--number_of_epochs=2", "--output_neurons=40", f"--arch={TINY_ARCH}",
+        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5",
+        # Gates start at the threshold so that one short epoch already closes some of them.
+        "--gate_threshold=0.9", "--gate_init_retention=0.9",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return run_dir
+
+
+def test_training_run_writes_results_history_and_alignments(gated_run):
+    results = json.loads((gated_run / "results.json").read_text())
+    for key in ("name", "method", "seed", "model_kind", "git_commit", "hparams_sha256"):
+        assert results[key] not in (None, ""), key
+    assert results["model_kind"] == "gated" and results["method"] == "adrop"
+    assert {"total", "encoder", "decoder"} <= results["params"].keys()
+    assert results["params"]["total"] == sum(
+        results["params"][part] for part in ("encoder", "decoder", "ctc")
+    )
+    assert results["decode"]["wall_seconds"] > 0 and results["decode"]["rtf"] > 0
+    for split in ("test-clean", "test-other"):
+        scores = results["splits"][split]
+        assert 0 <= scores["cer"] and 0 <= scores["wer"]
+        assert scores["utterances"] > 0 and scores["rtf"] > 0
+        assert (gated_run / f"wer_{split}.txt").read_text().startswith("%WER")
+
+    history = [json.loads(line) for line in (gated_run / "history.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    assert {"train_loss", "valid_loss", "valid_wer", "regulariser", "params_if_shrunk",
+            "gates"} <= history[-1].keys()
+    assert {gate["site"] for gate in history[-1]["gates"]} == {"ffn1", "ffn2", "query", "value",
+                                                                "conv"}
+    assert "mean_retention" in (gated_run / "train_log.txt").read_text()
+
+
+def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_run, corpus):
+    compact = gated_run / "compact"
+    assert cli_main(["shrink", str(gated_run), "--out", str(compact)]) == 0
+    assert cli_main(["decode", str(compact), "--data-folder", str(corpus)]) == 0
+
+    gated = json.loads((gated_run / "results.json").read_text())
+    shrunk = json.loads((compact / "results.json").read_text())
+    assert shrunk["model_kind"] == "shrunk"
+    assert shrunk["params"]["total"] < gated["params"]["total"]
+    assert shrunk["params"] == {**gated["gates"]["params_if_shrunk"], "gate_logits": 0}
+    for split in ("test-clean", "test-other"):
+        for metric in ("wer", "cer", "ctc_greedy_wer"):
+            assert shrunk["splits"][split][metric] == gated["splits"][split][metric], (split, metric)
+        assert (compact / f"wer_{split}.txt").exists()
+
+    dashboard = gated_run / "dashboard"
+    assert cli_main(["report", str(gated_run), "--out", str(dashboard)]) == 0
+    assert (dashboard / "index.html").exists() and (dashboard / "runs.csv").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):
+    """Starting the finished run again with one more epoch trains only that epoch."""
+    command = [
+        sys.executable, "train.py", "hparams/mini/conformer_adrop.yaml",
+        f"--data_folder={corpus}", f"--output_folder={gated_run}",
+        "--number_of_epochs=3", "--output_neurons=40", f"--arch={TINY_ARCH}",
+        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5",
+        "--gate_threshold=0.9", "--gate_init_retention=0.9",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = [json.loads(line) for line in (gated_run / "history.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]

@@ -145,11 +145,13 @@ class GatedRelPosMHAXL(RelPosMHAXL):
         heads, dim = self.num_heads, self.head_dim
         q, k, v = self._project(query, key, value)
         p_k = self.linear_pos(pos_embs).view(1, -1, heads, dim)
-        q_u = q + self.pos_bias_u.view(1, 1, heads, dim)
-        q_v = q + self.pos_bias_v.view(1, 1, heads, dim)
+        bias_u = self.pos_bias_u.view(1, 1, heads, dim)
+        bias_v = self.pos_bias_v.view(1, 1, heads, dim)
         if self.query_gate is not None:
+            # (q + b) * m = q * m + b * m: one full-size product instead of two.
             q_mask = self.query_gate.mask(bsz).view(-1, 1, heads, dim)
-            q_u, q_v = q_u * q_mask, q_v * q_mask
+            q, bias_u, bias_v = q * q_mask, bias_u * q_mask, bias_v * q_mask
+        q_u, q_v = q + bias_u, q + bias_v
         if self.value_gate is not None:
             v = v * self.value_gate.mask(bsz).view(-1, 1, heads, dim)
         context, attn = relpos_attention(

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Dense against shrunk: encoder forward time, FLOPs and full decode speed, in one process.
+
+    python benchmarks/shrink_speed.py --dense results/conformer_dense_mini/1986 \
+        --compact results/conformer_adrop_mini/1986/compact --data-folder corpus
+
+The dense model is the dense run's last checkpoint; the shrunk model is the compact folder.
+Both encode the same batch of real test-clean utterances (filterbanks, normalisation, CNN front
+end and Conformer encoder) at a fixed thread count; measurements alternate between the models so
+that a change of machine load hits both alike. FLOPs come from torch's FlopCounterMode on the
+same batch. The full decode (features, encoder and joint CTC/attention beam search with the
+same settings) is timed over the same utterances and given as real-time factor.
+Target: speedup at least 0.8 times the FLOP reduction.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.decoders import S2STransformerBeamSearcher
+from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder
+from speechbrain.lobes.features import Fbank
+from speechbrain.processing.features import InputNormalization
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import interleaved_medians, machine
+from conformer_prune.decode import load_inference_folder
+from conformer_prune.model import count_params, param_state
+from conformer_prune.prepare import prepare_librispeech
+from conformer_prune.shrink import load_gated_run
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dense", required=True, help="the dense run folder")
+    parser.add_argument("--compact", required=True, help="the compact (shrunk) model folder")
+    parser.add_argument("--data-folder", required=True)
+    parser.add_argument("--split", default="test-clean")
+    parser.add_argument("--utterances", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="also write the report as JSON here")
+    return parser.parse_args()
+
+
+def load_batch(data_folder, split, count, work_dir):
+    """The first `count` utterances of the split as one padded batch, and their audio seconds."""
+    csv_path = prepare_librispeech(data_folder, work_dir, splits=(split,), progress=False)[split]
+    with open(csv_path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:count]
+    signals = [read_audio(row["wav"]) for row in rows]
+    longest = max(len(s) for s in signals)
+    wavs = torch.zeros(len(signals), longest)
+    for i, signal in enumerate(signals):
+        wavs[i, : len(signal)] = signal
+    lens = torch.tensor([len(s) / longest for s in signals])
+    return wavs, lens, sum(len(s) for s in signals) / 16000
+
+
+def dense_model(run_dir):
+    run = load_gated_run(run_dir)
+    normalize = InputNormalization(norm_type="global")
+    normalize._load(run["normalizer"])
+    return run["modules"].eval(), normalize.eval(), run["hparams"]
+
+
+def searcher(asr, opts):
+    scorer = ScorerBuilder(
+        full_scorers=[],
+        partial_scorers=[CTCScorer(asr.ctc_lin, opts["blank_index"], opts["eos_index"])],
+        weights={"ctc": opts["ctc_weight"]},
+    )
+    return S2STransformerBeamSearcher(
+        modules=[asr.Transformer, asr.seq_lin],
+        bos_index=opts["bos_index"],
+        eos_index=opts["eos_index"],
+        min_decode_ratio=0.0,
+        max_decode_ratio=opts["max_decode_ratio"],
+        beam_size=opts["beam_size"],
+        using_eos_threshold=False,
+        length_normalization=True,
+        scorer=scorer,
+    )
+
+
+def encoder(asr, normalize, features):
+    def encode(wavs, lens):
+        feats = normalize(features(wavs), lens)
+        return asr.Transformer.encode(asr.CNN(feats), lens)
+
+    return encode
+
+
+def flops(function, *args):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function(*args)
+    return counter.get_total_flops()
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    dense, dense_norm, dense_hparams = dense_model(args.dense)
+    inference = load_inference_folder(args.compact)
+    shrunk, shrunk_norm = inference["asr"].eval(), inference["normalize"].eval()
+    wavs, lens, audio_seconds = load_batch(
+        args.data_folder, args.split, args.utterances, Path(args.compact) / "benchmark_data"
+    )
+    features = Fbank(n_mels=dense_hparams["arch"].get("n_mels", 80))
+    encode = {"dense": encoder(dense, dense_norm, features),
+              "shrunk": encoder(shrunk, shrunk_norm, features)}
+    opts = {key: inference[key] for key in ("bos_index", "eos_index", "blank_index",
+                                            "beam_size", "ctc_weight")}
+    opts["max_decode_ratio"] = 1.0
+    search = {"dense": searcher(dense, opts), "shrunk": searcher(shrunk, opts)}
+
+    with torch.no_grad():
+        encode_times = interleaved_medians(
+            {name: (lambda f=f: f(wavs, lens)) for name, f in encode.items()}, args.repeats
+        )
+        encoder_flops = {name: flops(f, wavs, lens) for name, f in encode.items()}
+        decode_times = interleaved_medians(
+            {name: (lambda n=name: search[n](encode[n](wavs, lens), lens)) for name in encode},
+            repeats=max(1, args.repeats // 2),
+        )
+    params = {"dense": count_params(param_state(dense)), "shrunk": count_params(param_state(shrunk))}
+    report = {
+        "batch": f"{len(wavs)} {args.split} utterances, {audio_seconds:.1f} s of audio",
+        "threads": args.threads,
+        "encoder_params": {name: p["encoder"] for name, p in params.items()},
+        "total_params": {name: p["total"] for name, p in params.items()},
+        "encoder_seconds": {k: round(v, 4) for k, v in encode_times.items()},
+        "encoder_gflops": {k: round(v / 1e9, 3) for k, v in encoder_flops.items()},
+        "encoder_speedup": round(encode_times["dense"] / encode_times["shrunk"], 3),
+        "encoder_flop_reduction": round(encoder_flops["dense"] / encoder_flops["shrunk"], 3),
+        "decode_rtf": {k: round(v / audio_seconds, 4) for k, v in decode_times.items()},
+        "decode_speedup": round(decode_times["dense"] / decode_times["shrunk"], 3),
+        "machine": machine(),
+    }
+    report["speedup_over_flop_reduction"] = round(
+        report["encoder_speedup"] / report["encoder_flop_reduction"], 3
+    )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,19 +30,24 @@ def corpus(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def gated_run(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "adrop"
+def train_tiny_gated(corpus, run_dir, epochs):
+    """`python train.py hparams/mini/conformer_adrop.yaml` with a tiny model, as a user runs it."""
     command = [
         sys.executable, "train.py", "hparams/mini/conformer_adrop.yaml",
         f"--data_folder={corpus}", f"--output_folder={run_dir}",
-        "--number_of_epochs=2", "--output_neurons=40", f"--arch={TINY_ARCH}",
+        f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={TINY_ARCH}",
         "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5",
         # Gates start at the threshold so that one short epoch already closes some of them.
         "--gate_threshold=0.9", "--gate_init_retention=0.9",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def gated_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "adrop"
+    train_tiny_gated(corpus, run_dir, epochs=2)
     return run_dir
 
 
@@ -93,14 +98,6 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):
     """Starting the finished run again with one more epoch trains only that epoch."""
-    command = [
-        sys.executable, "train.py", "hparams/mini/conformer_adrop.yaml",
-        f"--data_folder={corpus}", f"--output_folder={gated_run}",
-        "--number_of_epochs=3", "--output_neurons=40", f"--arch={TINY_ARCH}",
-        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5",
-        "--gate_threshold=0.9", "--gate_init_retention=0.9",
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    train_tiny_gated(corpus, gated_run, epochs=3)
     history = [json.loads(line) for line in (gated_run / "history.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in history] == [1, 2, 3]

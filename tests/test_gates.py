@@ -21,23 +21,13 @@ from conformer_prune.gates import (
     logit,
 )
 from conformer_prune.model import build_asr_modules, count_params, param_state
+from tiny import TINY_ARCH
 
-TINY = dict(
-    vocab_size=12,
-    n_mels=16,
-    d_model=16,
-    nhead=2,
-    num_encoder_layers=2,
-    num_decoder_layers=1,
-    d_ffn=24,
-    kernel_size=3,
-    cnn_channels=(4, 4),
-)
 
 
 def tiny_modules(seed=0):
     torch.manual_seed(seed)
-    return build_asr_modules(**TINY)
+    return build_asr_modules(**TINY_ARCH)
 
 
 def encode(modules, feats, lens):
@@ -199,13 +189,13 @@ def test_regulariser_needs_gates():
 def test_insert_gates_all_open_is_the_dense_model():
     dense = tiny_modules().eval()
     gated = insert_gates(copy.deepcopy(dense)).eval()
-    feats, lens = torch.randn(3, 40, TINY["n_mels"]), torch.tensor([1.0, 0.8, 0.5])
+    feats, lens = torch.randn(3, 40, TINY_ARCH["n_mels"]), torch.tensor([1.0, 0.8, 0.5])
     with torch.no_grad():
         assert torch.allclose(encode(dense, feats, lens), encode(gated, feats, lens), atol=1e-6)
     keys = [k for k in gated.state_dict() if k not in dense.state_dict()]
     assert keys and all(k.endswith("gate.logits") for k in keys)
     counts = count_params(gated.state_dict())
-    d_model, d_ffn, layers = TINY["d_model"], TINY["d_ffn"], TINY["num_encoder_layers"]
+    d_model, d_ffn, layers = TINY_ARCH["d_model"], TINY_ARCH["d_ffn"], TINY_ARCH["num_encoder_layers"]
     assert counts["gate_logits"] == layers * (2 * d_ffn + 3 * d_model)
     assert params_if_shrunk(gated) == {
         k: v for k, v in count_params(param_state(dense)).items() if k != "gate_logits"
@@ -218,13 +208,13 @@ def test_switched_off_sites_add_nothing(sites):
     names = {row["site"] for row in gate_summary(gated)}
     expected = set(sites) - {"ffn"} | ({"ffn1", "ffn2"} if "ffn" in sites else set())
     assert names == expected
-    assert len(list(iter_gates(gated))) == TINY["num_encoder_layers"] * len(expected)
+    assert len(list(iter_gates(gated))) == TINY_ARCH["num_encoder_layers"] * len(expected)
 
 
 def test_insert_gates_on_transformer_and_unknown_site():
     transformer = tiny_modules()["Transformer"]
     assert insert_gates(transformer, sites=["conv"]) is transformer
-    assert len(list(iter_gates(transformer))) == TINY["num_encoder_layers"]
+    assert len(list(iter_gates(transformer))) == TINY_ARCH["num_encoder_layers"]
     with pytest.raises(ValueError):
         insert_gates(tiny_modules(), sites=("ffn", "heads"))
     with pytest.raises(ValueError, match="already gated"):
@@ -233,7 +223,7 @@ def test_insert_gates_on_transformer_and_unknown_site():
 
 def test_training_step_reaches_every_gate():
     gated = insert_gates(tiny_modules(), temperature=0.5).train()
-    feats, lens = torch.randn(2, 30, TINY["n_mels"]), torch.tensor([1.0, 0.6])
+    feats, lens = torch.randn(2, 30, TINY_ARCH["n_mels"]), torch.tensor([1.0, 0.6])
     encode(gated, feats, lens).pow(2).mean().backward()
     for name, gate in iter_gates(gated):
         assert gate.logits.grad is not None and gate.logits.grad.abs().sum() > 0, name
@@ -241,7 +231,7 @@ def test_training_step_reaches_every_gate():
 
 def test_unit_costs_reported_by_gated_modules():
     gated = insert_gates(tiny_modules())
-    d, k = TINY["d_model"], TINY["kernel_size"]
+    d, k = TINY_ARCH["d_model"], TINY_ARCH["kernel_size"]
     layer = gated["Transformer"].encoder.layers[0]
     assert layer.ffn_module1[1].gate.unit_cost == 2 * d + 1
     assert layer.mha_layer.query_gate.unit_cost == 3 * d + 2
@@ -255,7 +245,7 @@ def test_gate_summary_counts_and_threshold_override():
         gate = gated["Transformer"].encoder.layers[1].ffn_module2[1].gate
         gate.logits[:5] = -1.0
     row = next(r for r in gate_summary(gated) if r["layer"] == 1 and r["site"] == "ffn2")
-    assert row["units"] == TINY["d_ffn"] and row["kept"] == TINY["d_ffn"] - 5
+    assert row["units"] == TINY_ARCH["d_ffn"] and row["kept"] == TINY_ARCH["d_ffn"] - 5
     assert row["below_threshold"] == 5
     assert row["mean_retention"] == pytest.approx(float(gate.retention().detach().mean()))
     set_threshold(gated, 0.99)

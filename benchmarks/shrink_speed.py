@@ -118,11 +118,12 @@ def main():
     opts["max_decode_ratio"] = 1.0
     search = {"dense": searcher(dense, opts), "shrunk": searcher(shrunk, opts)}
 
+    # FlopCounterMode tracks modules through autograd hooks: count outside no_grad.
+    encoder_flops = {name: flops(f, wavs, lens) for name, f in encode.items()}
     with torch.no_grad():
         encode_times = interleaved_medians(
             {name: (lambda f=f: f(wavs, lens)) for name, f in encode.items()}, args.repeats
         )
-        encoder_flops = {name: flops(f, wavs, lens) for name, f in encode.items()}
         decode_times = interleaved_medians(
             {name: (lambda n=name: search[n](encode[n](wavs, lens), lens)) for name in encode},
             repeats=max(1, args.repeats // 2),

@@ -32,15 +32,16 @@ class ASRBrain(sb.core.Brain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
-        if stage == sb.Stage.TRAIN and "wav_augment" in self.hparams.__dict__:
-            wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
-            tokens_bos = self.hparams.wav_augment.replicate_labels(tokens_bos)
+        wav_augment, fea_augment = self._augmenters(stage)
+        if wav_augment is not None:
+            wavs, wav_lens = wav_augment(wavs, wav_lens)
+            tokens_bos = wav_augment.replicate_labels(tokens_bos)
 
         feats = self.hparams.compute_features(wavs)
         feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
-        if stage == sb.Stage.TRAIN and "fea_augment" in self.hparams.__dict__:
-            feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
-            tokens_bos = self.hparams.fea_augment.replicate_labels(tokens_bos)
+        if fea_augment is not None:
+            feats, wav_lens = fea_augment(feats, wav_lens)
+            tokens_bos = fea_augment.replicate_labels(tokens_bos)
 
         asr = self.modules.asr
         src = asr.CNN(feats)
@@ -57,15 +58,13 @@ class ASRBrain(sb.core.Brain):
         p_ctc, p_seq, wav_lens, hyps = predictions
         tokens_eos, tokens_eos_lens = batch.tokens_eos
         tokens, tokens_lens = batch.tokens
-        if stage == sb.Stage.TRAIN:
-            # Augmenters that add copies of the batch need the labels copied to match.
-            for name in ("wav_augment", "fea_augment"):
-                if name in self.hparams.__dict__:
-                    augment = getattr(self.hparams, name)
-                    tokens_eos = augment.replicate_labels(tokens_eos)
-                    tokens_eos_lens = augment.replicate_labels(tokens_eos_lens)
-                    tokens = augment.replicate_labels(tokens)
-                    tokens_lens = augment.replicate_labels(tokens_lens)
+        # Augmenters that add copies of the batch need the labels copied to match.
+        for augment in self._augmenters(stage):
+            if augment is not None:
+                tokens_eos = augment.replicate_labels(tokens_eos)
+                tokens_eos_lens = augment.replicate_labels(tokens_eos_lens)
+                tokens = augment.replicate_labels(tokens)
+                tokens_lens = augment.replicate_labels(tokens_lens)
 
         loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens).sum()
         loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
@@ -106,6 +105,13 @@ class ASRBrain(sb.core.Brain):
             self.checkpointer.add_recoverable("gate_optimizer", self.gate_optimizer)
 
     # ----- helpers -----------------------------------------------------------------------
+
+    def _augmenters(self, stage):
+        """The waveform and feature augmenters for this stage (None when off or not training)."""
+        if stage != sb.Stage.TRAIN:
+            return None, None
+        return (getattr(self.hparams, "wav_augment", None),
+                getattr(self.hparams, "fea_augment", None))
 
     @property
     def regulariser(self):

@@ -96,3 +96,10 @@ def test_regulariser_clock_advances_with_optimizer_steps(tmp_path):
     assert brain.training_progress() == pytest.approx(0.5)
     brain.optimizer_step = 50
     assert brain.training_progress() == 1.0
+
+
+def test_augmentation_can_be_switched_off_in_yaml(tmp_path):
+    hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, wav_augment=None, fea_augment=None)
+    brain, loss = one_training_step(hparams)
+    assert brain._augmenters(sb.Stage.TRAIN) == (None, None)
+    assert math.isfinite(loss.item())

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from conformer_prune.gated_conformer import insert_gates
 from conformer_prune.gates import RetentionRegulariser, TargetSchedule, iter_gates
 from conformer_prune.model import build_asr_modules
+from tiny import TINY_ARCH
 
 WORLD_SIZE = 2
 VOCAB = 8
@@ -43,17 +44,7 @@ def _train(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.manual_seed(0)  # same model on every rank (DDP also broadcasts rank 0's)
-    modules = build_asr_modules(
-        vocab_size=VOCAB,
-        n_mels=16,
-        d_model=16,
-        nhead=2,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        d_ffn=16,
-        kernel_size=3,
-        cnn_channels=(4, 4),
-    )
+    modules = build_asr_modules(**{**TINY_ARCH, "vocab_size": VOCAB, "num_encoder_layers": 1})
     model = torch.nn.parallel.DistributedDataParallel(_ASR(insert_gates(modules)))
     regulariser = RetentionRegulariser(1.0, TargetSchedule("linear", 3.0, -3.0))
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -169,7 +169,7 @@ class GatedRelPosMHAXL(RelPosMHAXL):
 
     def _project(self, query, key, value):
         """Queries, keys and values as (batch, time, heads, head_dim), like RelPosMHAXL."""
-        if not (_same(query, key) and _same(key, value)):
+        if not is_self_attention(query, key, value):
             # SpeechBrain's cross-attention path reads in_proj_weight in another row layout
             # (q, k, v blocks) than its self-attention path; the Conformer encoder never uses it.
             raise NotImplementedError("GatedRelPosMHAXL: self-attention only")
@@ -208,8 +208,10 @@ class GatedRelPosMHAXL(RelPosMHAXL):
         )
 
 
-def _same(a, b):
-    return a is b or torch.equal(a, b)
+def is_self_attention(query, key, value):
+    """Whether an attention call attends a sequence to itself (the only case the gated and
+    compact attention modules support)."""
+    return all(a is b or torch.equal(a, b) for a, b in ((query, key), (key, value)))
 
 
 def gate_attention(mha, query, value, **gate_args):

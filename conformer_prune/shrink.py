@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from conformer_prune.gated_conformer import (
     MODULE_PATHS,
     attention_mask_4d,
+    is_self_attention,
     encoder_layers,
     gated_modules,
     insert_gates,
@@ -174,9 +175,7 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         attn_mask=None,
         return_attn_weights=True,
     ):
-        if not (query is key or torch.equal(query, key)) or not (
-            key is value or torch.equal(key, value)
-        ):
+        if not is_self_attention(query, key, value):
             raise NotImplementedError("RaggedRelPosMHAXL: self-attention only")
         bsz, qlen = query.shape[:2]
         queries, values = sum(self.query_widths), sum(self.value_widths)

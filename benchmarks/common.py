@@ -25,18 +25,6 @@ def machine():
     }
 
 
-def median_seconds(function, repeats, warmup=1):
-    """Median wall time of `function()` over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def interleaved_medians(functions, repeats, warmup=1):
     """Median times of several functions measured in alternation, so that a change of machine
     load during the run hits all of them alike."""

@@ -32,7 +32,7 @@ def parse_args():
     return parser.parse_args()
 
 
-def make_step(modules, hparams, batch, regulariser=None):
+def make_step(modules, batch, regulariser=None):
     feats, tokens_bos, tokens_eos, tokens, lens, token_lens = batch
     optimizer = torch.optim.AdamW(modules.parameters(), lr=1e-4)
 
@@ -81,8 +81,8 @@ def main():
     batch = random_batch(args, hparams["arch"]["vocab_size"])
     times = interleaved_medians(
         {
-            "plain": make_step(plain, hparams, batch),
-            "gated": make_step(gated, hparams, batch, hparams["regulariser"]),
+            "plain": make_step(plain, batch),
+            "gated": make_step(gated, batch, hparams["regulariser"]),
         },
         repeats=args.repeats,
     )

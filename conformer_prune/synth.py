@@ -38,7 +38,7 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 # Program listings, shell jokes and ASCII pictures: not sentences anyone would read aloud.
 SKIPPED_FORTUNE_FILES = {"ascii-art", "translate-me", "perl", "linux", "linuxcookie",
                          "debian", "computers"}
-DEFAULT_VOCAB_SIZE = 1500
+DEFAULT_VOCAB_SIZE = 400  # a closed vocabulary that 1.5 h of speech covers many times over
 MIN_WORDS, MAX_WORDS = 3, 15
 # A sentence ending in one of these was cut at the abbreviation's full stop, not at its end.
 ABBREVIATIONS = {"MR", "MRS", "MS", "DR", "ST", "JR", "SR", "VS", "ETC", "PROF", "GEN",
@@ -79,6 +79,7 @@ SECONDS_PER_CHAR = 0.056
 MIN_EVAL_UTTERANCES = 20
 EVAL_FRACTION = 0.1
 EVAL_POOL_SHARE = 0.15  # the most of the distinct sentences that one eval split may take
+MIN_TRAIN_SENTENCES = 2  # every evaluation word occurs in at least this many train sentences
 
 
 class CorpusError(RuntimeError):
@@ -108,6 +109,8 @@ def normalise(sentence):
     Digits, symbols, acronyms and abbreviations are rejected rather than expanded: the
     synthesiser's reading of them ("$200", "U.S.A.") would not match the transcript.
     """
+    # Labels are not part of what is said: "Q: ... A: ..." dialogues, "(a) ..." lists.
+    sentence = re.sub(r"^\s*(?:[QA]:|\([A-Za-z]\))\s*", "", sentence or "")
     if not sentence or re.search(r"[^A-Za-z\s.,;:!?'\"()\-]", sentence):
         return None
     if re.search(r"\b[A-Z]{2,}\b", sentence) or re.search(r"[A-Za-z]\.[A-Za-z]", sentence):
@@ -274,27 +277,45 @@ def estimate_seconds(transcript, speed=1.0):
 def assign_sentences(pool, speakers, hours, eval_hours):
     """Sentences and speakers per split: ``{split: [(transcript, speaker), ...]}``.
 
-    Evaluation splits take disjoint blocks from the front of the shuffled pool and
-    training takes the rest, so no dev or test sentence is ever trained on. When a
-    split needs more utterances than its block has sentences, it goes round its block
-    again with the next speaker. Also returns the number of rounds per split.
+    Evaluation splits take disjoint blocks of sentences from the front of the shuffled
+    pool and training takes the rest, so no dev or test sentence is ever trained on; an
+    evaluation sentence is only taken if each of its words stays in at least
+    ``MIN_TRAIN_SENTENCES`` training sentences (a closed vocabulary: test errors measure
+    recognition, not unseen words). When a split needs more utterances than its block has
+    sentences, it goes round its block again with the next speaker. Also returns the
+    number of rounds per split.
     """
     mean_seconds = np.mean([estimate_seconds(s) for s in pool])
     if eval_hours is None:
         eval_seconds = max(EVAL_FRACTION * hours * 3600, MIN_EVAL_UTTERANCES * mean_seconds)
     else:
         eval_seconds = eval_hours * 3600
-    block_cap = max(1, int(EVAL_POOL_SHARE * len(pool)))
-
-    assigned, rounds, start = {}, {}, 0
-    for split in EVAL_SPLITS:
-        wanted = max(1, round(eval_seconds / mean_seconds))
-        block = pool[start:start + min(wanted, block_cap)]
-        start += len(block)
+    wanted = max(1, round(eval_seconds / mean_seconds))
+    blocks = closed_vocabulary_blocks(pool, len(EVAL_SPLITS),
+                                      min(wanted, max(1, int(EVAL_POOL_SHARE * len(pool)))))
+    assigned, rounds = {}, {}
+    for split, block in zip(EVAL_SPLITS, blocks):
         assigned[split], rounds[split] = _fill(block, speakers[split], eval_seconds)
+    taken = {s for block in blocks for s in block}
     assigned[TRAIN_SPLIT], rounds[TRAIN_SPLIT] = _fill(
-        pool[start:], speakers[TRAIN_SPLIT], hours * 3600)
+        [s for s in pool if s not in taken], speakers[TRAIN_SPLIT], hours * 3600)
     return assigned, rounds
+
+
+def closed_vocabulary_blocks(pool, n_blocks, block_size):
+    """``n_blocks`` disjoint blocks of up to ``block_size`` sentences, in pool order, each
+    sentence's words left in at least ``MIN_TRAIN_SENTENCES`` of the untaken sentences."""
+    left = Counter(w for s in pool for w in set(s.split()))
+    blocks = [[] for _ in range(n_blocks)]
+    for sentence in pool:
+        open_blocks = [block for block in blocks if len(block) < block_size]
+        if not open_blocks:
+            break
+        words = set(sentence.split())
+        if all(left[w] - 1 >= MIN_TRAIN_SENTENCES for w in words):
+            left.subtract(words)
+            open_blocks[0].append(sentence)
+    return blocks
 
 
 def _fill(block, speakers, seconds):

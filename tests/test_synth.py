@@ -181,6 +181,19 @@ def test_vocabulary_filter():
     assert kept == ["THE CAT SAT", "THE DOG SAT"]
 
 
+def test_evaluation_blocks_have_a_closed_vocabulary():
+    pool = ["A B C", "A D", "B C", "A B", "C D", "A C", "B D", "E A", "A B D"]
+    blocks = synth.closed_vocabulary_blocks(pool, n_blocks=2, block_size=2)
+    taken = [s for block in blocks for s in block]
+    assert len(set(taken)) == len(taken) <= 4
+    train = [s for s in pool if s not in taken]
+    for sentence in taken:
+        for word in sentence.split():
+            assert sum(word in s.split() for s in train) >= synth.MIN_TRAIN_SENTENCES
+    # E occurs once in the pool, so "E A" can only be trained on.
+    assert "E A" in train
+
+
 def test_corpus_words_come_from_the_vocabulary(corpus):
     root, _ = corpus
     pool, text = synth.load_text(synth.DEFAULT_VOCAB_SIZE)
@@ -198,6 +211,8 @@ def test_corpus_words_come_from_the_vocabulary(corpus):
     ("The USA is big.", None),  # an acronym would be spelled out
     ("He met Mr.", None),  # cut at an abbreviation
     ("Use e.g. this one.", None),
+    ("A: Because it was there.", "BECAUSE IT WAS THERE"),  # dialogue labels are not said
+    ("(a) once a year.", "ONCE A YEAR"),  # nor list labels
 ])
 def test_normalise(raw, expected):
     assert synth.normalise(raw) == expected

@@ -180,36 +180,62 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         bsz, qlen = query.shape[:2]
         queries, values = sum(self.query_widths), sum(self.value_widths)
         q, k, v = F.linear(query, self.in_proj_weight).split([queries, queries, values], dim=-1)
-        p_k = self.linear_pos(pos_embs)
-        per_head = zip(
-            (q + self.pos_bias_u).split(self.query_widths, dim=-1),
-            (q + self.pos_bias_v).split(self.query_widths, dim=-1),
-            k.split(self.query_widths, dim=-1),
-            p_k.split(self.query_widths, dim=-1),
-            v.split(self.value_widths, dim=-1),
-        )
+        alive = self._alive_heads()
+        if not alive:
+            out = self.out_proj(query.new_zeros(bsz, qlen, 0))
+            return out if not return_attn_weights else (out, None)
+        q_src, q_dst, v_dst = self._padding_indices(query.device)
+        # Why pad: one batched attention over all heads, padded to the widest, is much faster
+        # than a loop over heads; zero query/key dimensions add exactly 0 to the scores and
+        # the padded value dimensions are dropped again before out_proj.
+        width_q = max(self.query_widths[h] for h in alive)
+        width_v = max(self.value_widths[h] for h in alive)
+        q_u = self._pad_heads(q + self.pos_bias_u, q_src, q_dst, len(alive), width_q)
+        q_v = self._pad_heads(q + self.pos_bias_v, q_src, q_dst, len(alive), width_q)
+        k = self._pad_heads(k, q_src, q_dst, len(alive), width_q)
+        p_k = self._pad_heads(self.linear_pos(pos_embs), q_src, q_dst, len(alive), width_q)
+        v = self._pad_heads(v, None, v_dst, len(alive), width_v)  # v holds live heads only
         attn_mask = attention_mask_4d(attn_mask, self.num_heads, qlen, key.shape[1])
-        contexts, weights = [], []
-        for head, tensors in enumerate(per_head):
-            if self.value_widths[head] == 0:
-                continue
-            head_mask = attn_mask
-            if attn_mask is not None and attn_mask.shape[1] > 1:
-                head_mask = attn_mask[:, head : head + 1]
-            # (batch, 1 head, time, width), as relpos_attention expects.
-            context, weight = relpos_attention(
-                self, *(t.unsqueeze(1) for t in tensors), key_padding_mask, head_mask
-            )
-            contexts.append(context.squeeze(1))
-            weights.append(weight)
-        if contexts:
-            context = torch.cat(contexts, dim=-1)
-        else:
-            context = query.new_zeros(bsz, qlen, 0)
-        out = self.out_proj(context)
+        if attn_mask is not None and attn_mask.shape[1] > 1:
+            attn_mask = attn_mask[:, alive]
+        context, weights = relpos_attention(self, q_u, q_v, k, p_k, v, key_padding_mask, attn_mask)
+        context = context.transpose(1, 2).reshape(bsz, qlen, len(alive) * width_v)
+        out = self.out_proj(context[..., v_dst])
         if not return_attn_weights:
             return out
-        return out, torch.cat(weights, dim=1) if weights else None
+        return out, weights
+
+    def _alive_heads(self):
+        """Heads that still have a value dimension (the others contribute nothing)."""
+        return [h for h, width in enumerate(self.value_widths) if width > 0]
+
+    def _padding_indices(self, device):
+        """Where each kept query and value dimension of a live head goes in the padded layout
+        (heads side by side, each as wide as the widest): (q_src, q_dst, v_dst), cached."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if device not in cache:
+            cache[device] = self._make_padding_indices(device)
+        return cache[device]
+
+    def _make_padding_indices(self, device):
+        alive = self._alive_heads()
+        width_q = max(self.query_widths[h] for h in alive)
+        width_v = max(self.value_widths[h] for h in alive)
+        q_starts = [sum(self.query_widths[:h]) for h in range(self.num_heads)]
+        q_src = [q_starts[h] + j for h in alive for j in range(self.query_widths[h])]
+        q_dst = [slot * width_q + j for slot, h in enumerate(alive)
+                 for j in range(self.query_widths[h])]
+        v_dst = [slot * width_v + j for slot, h in enumerate(alive)
+                 for j in range(self.value_widths[h])]
+        return tuple(torch.tensor(i, dtype=torch.long, device=device)
+                     for i in (q_src, q_dst, v_dst))
+
+    @staticmethod
+    def _pad_heads(x, src, dst, heads, width):
+        """(batch, time, dims) -> (batch, heads, time, width), dims scattered to `dst`."""
+        padded = x.new_zeros(*x.shape[:-1], heads * width)
+        padded[..., dst] = x if src is None else x[..., src]
+        return padded.view(*x.shape[:-1], heads, width).transpose(1, 2)
 
     def extra_repr(self):
         return f"query_widths={self.query_widths}, value_widths={self.value_widths}"

@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
+from conformer_prune.scoring import ResultsError, read_results
+
 SITES = ("ffn1", "ffn2", "query", "value", "conv")
 PARAM_PARTS = ("total", "encoder", "decoder", "ctc")
 # tab10, used by plotly and matplotlib alike so that a method has one colour everywhere.
@@ -114,17 +116,9 @@ def load_run(run_dir) -> dict:
 
 def _read_results(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ReportError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        results = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} "
-                          f"column {err.colno})") from None
-    if not isinstance(results, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
-    return results
+        return read_results(path)
+    except ResultsError as err:
+        raise ReportError(str(err)) from None
 
 
 def _read_history(path: Path):

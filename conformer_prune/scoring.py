@@ -63,12 +63,28 @@ def write_results(path, results):
     os.replace(tmp, path)
 
 
-def read_results(path):
-    """Reads results.json, or returns an empty dict when there is none yet."""
+class ResultsError(ValueError):
+    """A results.json that cannot be read as one JSON object; the message names the file."""
+
+
+def read_results(path, missing_ok=False):
+    """Reads results.json as a dict; with `missing_ok`, a file not written yet reads as {}.
+
+    The one reader of results.json: `decode` (which merges into it) and `report` (which
+    compares runs) both use it, so a bad file gets the same error everywhere.
+    """
     path = Path(path)
-    if not path.exists():
+    if missing_ok and not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ResultsError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} "
+                           f"column {err.colno})") from None
+    if not isinstance(results, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    return results

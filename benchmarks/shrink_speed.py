@@ -4,7 +4,10 @@
     python benchmarks/shrink_speed.py --dense results/conformer_dense_mini/1986 \
         --compact results/conformer_adrop_mini/1986/compact --data-folder corpus
 
-The dense model is the dense run's last checkpoint; the shrunk model is the compact folder.
+The dense model is the dense run's last checkpoint; the shrunk model is the compact folder;
+with `--gated RUN`, the gated run it was shrunk from is timed too (eval mode, masks applied).
+Gated and shrunk decode to the same hypotheses, so their decode ratio is the shrink's own
+speedup; the dense model's hypotheses (and so its beam search's work) differ.
 Both encode the same batch of real test-clean utterances (filterbanks, normalisation, CNN front
 end and Conformer encoder) at a fixed thread count; measurements alternate between the models so
 that a change of machine load hits both alike. FLOPs come from torch's FlopCounterMode on the
@@ -37,6 +40,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense run folder")
     parser.add_argument("--compact", required=True, help="the compact (shrunk) model folder")
+    parser.add_argument("--gated", help="the gated run the compact folder was shrunk from")
     parser.add_argument("--data-folder", required=True)
     parser.add_argument("--split", default="test-clean")
     parser.add_argument("--utterances", type=int, default=16)
@@ -106,17 +110,20 @@ def main():
     torch.set_num_threads(args.threads)
     dense, dense_norm, dense_hparams = dense_model(args.dense)
     inference = load_inference_folder(args.compact)
-    shrunk, shrunk_norm = inference["asr"].eval(), inference["normalize"].eval()
+    models = {"dense": (dense, dense_norm)}
+    if args.gated:
+        gated, gated_norm, _ = dense_model(args.gated)
+        models["gated"] = (gated, gated_norm)
+    models["shrunk"] = (inference["asr"].eval(), inference["normalize"].eval())
     wavs, lens, audio_seconds = load_batch(
         args.data_folder, args.split, args.utterances, Path(args.compact) / "benchmark_data"
     )
     features = Fbank(n_mels=dense_hparams["arch"].get("n_mels", 80))
-    encode = {"dense": encoder(dense, dense_norm, features),
-              "shrunk": encoder(shrunk, shrunk_norm, features)}
+    encode = {name: encoder(asr, norm, features) for name, (asr, norm) in models.items()}
     opts = {key: inference[key] for key in ("bos_index", "eos_index", "blank_index",
                                             "beam_size", "ctc_weight")}
     opts["max_decode_ratio"] = 1.0
-    search = {"dense": searcher(dense, opts), "shrunk": searcher(shrunk, opts)}
+    search = {name: searcher(asr, opts) for name, (asr, _) in models.items()}
 
     # FlopCounterMode tracks modules through autograd hooks: count outside no_grad.
     encoder_flops = {name: flops(f, wavs, lens) for name, f in encode.items()}
@@ -128,7 +135,7 @@ def main():
             {name: (lambda n=name: search[n](encode[n](wavs, lens), lens)) for name in encode},
             repeats=max(1, args.repeats // 2),
         )
-    params = {"dense": count_params(param_state(dense)), "shrunk": count_params(param_state(shrunk))}
+    params = {name: count_params(param_state(asr)) for name, (asr, _) in models.items()}
     report = {
         "batch": f"{len(wavs)} {args.split} utterances, {audio_seconds:.1f} s of audio",
         "threads": args.threads,
@@ -142,6 +149,9 @@ def main():
         "decode_speedup": round(decode_times["dense"] / decode_times["shrunk"], 3),
         "machine": machine(),
     }
+    if "gated" in models:
+        report["decode_speedup_over_gated"] = round(
+            decode_times["gated"] / decode_times["shrunk"], 3)
     report["speedup_over_flop_reduction"] = round(
         report["encoder_speedup"] / report["encoder_flop_reduction"], 3
     )

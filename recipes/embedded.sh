@@ -40,7 +40,8 @@ conformer-prune decode "$run/compact" --data-folder "$CORPUS"
 
 stage "speed: dense vs shrunk encoder"
 python benchmarks/shrink_speed.py --dense results/conformer_dense_mini/$SEED \
-    --compact "$run/compact" --data-folder "$CORPUS" --out "$run/compact/benchmark.json"
+    --gated "$run" --compact "$run/compact" --data-folder "$CORPUS" \
+    --out "$run/compact/benchmark.json"
 
 stage "dashboard"
 conformer-prune report results --out "$OUT"

@@ -178,32 +178,61 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         if not is_self_attention(query, key, value):
             raise NotImplementedError("RaggedRelPosMHAXL: self-attention only")
         bsz, qlen = query.shape[:2]
-        queries, values = sum(self.query_widths), sum(self.value_widths)
-        q, k, v = F.linear(query, self.in_proj_weight).split([queries, queries, values], dim=-1)
         alive = self._alive_heads()
         if not alive:
             out = self.out_proj(query.new_zeros(bsz, qlen, 0))
             return out if not return_attn_weights else (out, None)
-        q_src, q_dst, v_dst = self._padding_indices(query.device)
-        # Why pad: one batched attention over all heads, padded to the widest, is much faster
-        # than a loop over heads; zero query/key dimensions add exactly 0 to the scores and
-        # the padded value dimensions are dropped again before out_proj.
-        width_q = max(self.query_widths[h] for h in alive)
-        width_v = max(self.value_widths[h] for h in alive)
-        q_u = self._pad_heads(q + self.pos_bias_u, q_src, q_dst, len(alive), width_q)
-        q_v = self._pad_heads(q + self.pos_bias_v, q_src, q_dst, len(alive), width_q)
-        k = self._pad_heads(k, q_src, q_dst, len(alive), width_q)
-        p_k = self._pad_heads(self.linear_pos(pos_embs), q_src, q_dst, len(alive), width_q)
-        v = self._pad_heads(v, None, v_dst, len(alive), width_v)  # v holds live heads only
+        # Why pack: one batched attention over all heads, each padded to the widest, is much
+        # faster than a loop over heads. The padding is done on the weights (zero rows and
+        # columns, rebuilt each call so that gradients still reach the stored parameters),
+        # which is cheaper than padding the activations: zero query/key dimensions add exactly
+        # 0 to the scores, zero value dimensions meet zero out_proj columns.
+        in_w, bias_u, bias_v, pos_w, out_w, width_q, width_v = self._packed_weights()
+        heads = len(alive)
+        queries, values = heads * width_q, heads * width_v
+        q, k, v = F.linear(query, in_w).split([queries, queries, values], dim=-1)
+
+        def by_head(x, width):  # (batch, time, heads * width) -> (batch, heads, time, width)
+            return x.view(*x.shape[:2], heads, width).transpose(1, 2)
+
+        q_u, q_v = by_head(q + bias_u, width_q), by_head(q + bias_v, width_q)
+        p_k = by_head(F.linear(pos_embs, pos_w), width_q)
         attn_mask = attention_mask_4d(attn_mask, self.num_heads, qlen, key.shape[1])
         if attn_mask is not None and attn_mask.shape[1] > 1:
             attn_mask = attn_mask[:, alive]
-        context, weights = relpos_attention(self, q_u, q_v, k, p_k, v, key_padding_mask, attn_mask)
-        context = context.transpose(1, 2).reshape(bsz, qlen, len(alive) * width_v)
-        out = self.out_proj(context[..., v_dst])
+        context, weights = relpos_attention(
+            self, q_u, q_v, by_head(k, width_q), p_k, by_head(v, width_v), key_padding_mask,
+            attn_mask,
+        )
+        context = context.transpose(1, 2).reshape(bsz, qlen, values)
+        out = F.linear(context, out_w, self.out_proj.bias)
         if not return_attn_weights:
             return out
         return out, weights
+
+    def _packed_weights(self):
+        """The parameters laid out head by head, each head padded to the widest live head:
+        (in_proj weight, pos_bias_u, pos_bias_v, linear_pos weight, out_proj weight, query
+        width, value width)."""
+        q_src, q_dst, v_dst, width_q, width_v = self._padding_indices(self.in_proj_weight.device)
+        queries = sum(self.query_widths)
+        w_q, w_k, w_v = self.in_proj_weight.split(
+            [queries, queries, sum(self.value_widths)], dim=0)
+
+        def pack(x, src, dst, rows, dim=0):
+            picked = x if src is None else x.index_select(dim, src)
+            shape = list(x.shape)
+            shape[dim] = rows
+            return x.new_zeros(shape).index_copy(dim, dst, picked)
+
+        heads = len(self._alive_heads())
+        rows_q, rows_v = heads * width_q, heads * width_v
+        in_w = torch.cat([pack(w_q, q_src, q_dst, rows_q), pack(w_k, q_src, q_dst, rows_q),
+                          pack(w_v, None, v_dst, rows_v)])
+        return (in_w, pack(self.pos_bias_u, q_src, q_dst, rows_q),
+                pack(self.pos_bias_v, q_src, q_dst, rows_q),
+                pack(self.linear_pos.weight, q_src, q_dst, rows_q),
+                pack(self.out_proj.weight, None, v_dst, rows_v, dim=1), width_q, width_v)
 
     def _alive_heads(self):
         """Heads that still have a value dimension (the others contribute nothing)."""
@@ -211,7 +240,8 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
 
     def _padding_indices(self, device):
         """Where each kept query and value dimension of a live head goes in the padded layout
-        (heads side by side, each as wide as the widest): (q_src, q_dst, v_dst), cached."""
+        (heads side by side, each as wide as the widest): (q_src, q_dst, v_dst, query width,
+        value width), cached."""
         cache = self.__dict__.setdefault("_index_cache", {})
         if device not in cache:
             cache[device] = self._make_padding_indices(device)
@@ -227,15 +257,8 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
                  for j in range(self.query_widths[h])]
         v_dst = [slot * width_v + j for slot, h in enumerate(alive)
                  for j in range(self.value_widths[h])]
-        return tuple(torch.tensor(i, dtype=torch.long, device=device)
-                     for i in (q_src, q_dst, v_dst))
-
-    @staticmethod
-    def _pad_heads(x, src, dst, heads, width):
-        """(batch, time, dims) -> (batch, heads, time, width), dims scattered to `dst`."""
-        padded = x.new_zeros(*x.shape[:-1], heads * width)
-        padded[..., dst] = x if src is None else x[..., src]
-        return padded.view(*x.shape[:-1], heads, width).transpose(1, 2)
+        indices = (torch.tensor(i, dtype=torch.long, device=device) for i in (q_src, q_dst, v_dst))
+        return (*indices, width_q, width_v)
 
     def extra_repr(self):
         return f"query_widths={self.query_widths}, value_widths={self.value_widths}"

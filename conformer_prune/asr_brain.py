@@ -122,7 +122,12 @@ class ASRBrain(sb.core.Brain):
         return min(1.0, self.optimizer_step / max(1, self.total_train_steps))
 
     def _detokenize(self, token_seqs):
-        return [self.tokenizer.decode_ids([int(t) for t in seq]).upper() for seq in token_seqs]
+        """Token ids to upper-case words. Ids past the tokenizer's last piece are dropped: with
+        characters the model has more outputs (`output_neurons`) than the corpus has symbols,
+        those outputs are never targets, and only an untrained model emits them."""
+        pieces = self.tokenizer.get_piece_size()
+        return [self.tokenizer.decode_ids([int(t) for t in seq if int(t) < pieces]).upper()
+                for seq in token_seqs]
 
     # ----- stage hooks ---------------------------------------------------------------------
 

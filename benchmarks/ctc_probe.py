@@ -16,7 +16,6 @@ import random
 import time
 from pathlib import Path
 
-import jiwer
 import sentencepiece as spm
 import torch
 from speechbrain.augment.freq_domain import SpectrogramDrop, Warping
@@ -27,6 +26,7 @@ from speechbrain.nnet.losses import ctc_loss
 
 from conformer_prune.model import build_asr_modules
 from conformer_prune.prepare import read_transcript
+from conformer_prune.scoring import error_rates
 
 
 def parse_args():
@@ -140,7 +140,8 @@ def batchify(items, encode):
     return feats, lengths, padded, target_lengths
 
 
-def error_rates(model, items, encode, decode):
+def greedy_error_rates(model, items, encode, decode):
+    """CER and WER (percent) of greedy CTC decoding over `items`."""
     model.eval()
     refs, hyps = [], []
     with torch.no_grad():
@@ -151,7 +152,8 @@ def error_rates(model, items, encode, decode):
                 hyps.append(decode([int(t) for t in hyp]) or "-")
             refs += [text for _, _, text in chunk]
     model.train()
-    return 100 * jiwer.cer(refs, hyps), 100 * jiwer.wer(refs, hyps)
+    rates = error_rates(refs, hyps)
+    return rates["cer"], rates["wer"]
 
 
 def main():
@@ -190,8 +192,8 @@ def main():
             optimizer.step()
             losses.append(loss.item())
             if step % args.every == 0 or step == args.steps:
-                train_cer, train_wer = error_rates(model, probe, encode, decode)
-                dev_cer, dev_wer = error_rates(model, dev, encode, decode)
+                train_cer, train_wer = greedy_error_rates(model, probe, encode, decode)
+                dev_cer, dev_wer = greedy_error_rates(model, dev, encode, decode)
                 print(f"step {step} loss {sum(losses) / len(losses):.2f} | train CER "
                       f"{train_cer:.1f} WER {train_wer:.1f} | dev CER {dev_cer:.1f} WER "
                       f"{dev_wer:.1f} | {time.perf_counter() - started:.0f} s", flush=True)

@@ -104,6 +104,7 @@ def write_run_results(hparams, brain, splits, decode):
     }
     if gated:
         from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
+        from conformer_prune.gates import retention_distribution
 
         summary = gate_summary(asr)
         units = sum(g["units"] for g in summary)
@@ -111,6 +112,7 @@ def write_run_results(hparams, brain, splits, decode):
             "threshold": hparams["gate_threshold"],
             "kept_fraction": sum(g["kept"] for g in summary) / max(1, units),
             "params_if_shrunk": params_if_shrunk(asr),
+            "retentions": retention_distribution(asr),
         }
     write_results(Path(hparams["output_folder"]) / "results.json", results)
 

@@ -180,6 +180,7 @@ class ASRBrain(sb.core.Brain):
         if self.regulariser is None:
             return {}
         from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
+        from conformer_prune.gates import retention_distribution
 
         progress = self.training_progress()
         return {
@@ -189,6 +190,7 @@ class ASRBrain(sb.core.Brain):
             "progress": progress,
             "params_if_shrunk": params_if_shrunk(self.modules.asr),
             "gates": gate_summary(self.modules.asr),
+            "retentions": retention_distribution(self.modules.asr),
         }
 
     def _log_gates(self, entry):
@@ -197,7 +199,8 @@ class ASRBrain(sb.core.Brain):
         lines = [
             f"gates epoch {entry['epoch']}: regulariser={entry['regulariser']:.4g} "
             f"target={entry['regulariser_target']:.3f} "
-            f"params_if_shrunk={entry['params_if_shrunk']}"
+            f"params_if_shrunk={entry['params_if_shrunk']}",
+            _retention_line(entry["retentions"]),
         ]
         for gate in entry["gates"]:
             lines.append(
@@ -237,6 +240,15 @@ class ASRBrain(sb.core.Brain):
             write_alignments(
                 out_dir / f"wer_{self.test_split}.txt", self.ids, self.references, self.beam_hyps
             )
+
+
+def _retention_line(retentions):
+    """One log line: the polarised share and the retention histogram, e.g. '0.0-0.1:812'."""
+    bins, margin = retentions["bins"], retentions["margin"]
+    cells = " ".join(f"{i / bins:.1f}-{(i + 1) / bins:.1f}:{count}"
+                     for i, count in enumerate(retentions["counts"]))
+    return (f"  retentions polarised (p<{margin:g} or p>{1 - margin:g}) "
+            f"{100 * retentions['polarised_fraction']:.1f}%; histogram {cells}")
 
 
 def init_progress_clock(brain, train_data, hparams):

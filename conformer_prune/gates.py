@@ -123,6 +123,32 @@ def iter_gates(module):
             yield name, sub
 
 
+# A retention counts as polarised when it is below this or above 1 minus this: far enough from
+# the threshold that the gate's training-time behaviour (a unit dropped with probability 1 - p)
+# is close to its evaluation-time decision.
+POLARISED_MARGIN = 0.1
+
+
+def retention_distribution(module, bins=10, margin=POLARISED_MARGIN):
+    """How a model's retentions spread over [0, 1], for logs and dashboards.
+
+    Returns {"bins", "counts" (units per equal-width bin of [0, 1], the last bin closed),
+    "margin", "polarised_fraction" (share of units with p < margin or p > 1 - margin)}.
+    """
+    gates = [gate for _, gate in iter_gates(module)]
+    if not gates:
+        raise ValueError("retention_distribution: the model has no AdaptiveDropout gates")
+    p = torch.cat([gate.retention().detach().float().flatten() for gate in gates]).cpu()
+    counts = torch.histc(p, bins=bins, min=0.0, max=1.0)
+    polarised = ((p < margin) | (p > 1.0 - margin)).float().mean()
+    return {
+        "bins": bins,
+        "counts": [int(c) for c in counts],
+        "margin": margin,
+        "polarised_fraction": float(polarised),
+    }
+
+
 SCHEDULE_SHAPES = ("linear", "cosine", "exponential", "step", "constant")
 
 

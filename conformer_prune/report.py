@@ -52,6 +52,7 @@ CURVES = (
     ("valid_wer", "Valid WER (%)"),
     ("params_if_shrunk", "Params if shrunk (total)"),
     ("regulariser", "Regulariser"),
+    ("polarised_fraction", "Polarised retentions (share)"),
 )
 
 
@@ -108,6 +109,8 @@ def load_run(run_dir) -> dict:
                    for split, values in splits.items()},
         "kept_fraction": _number(_object(results.get("gates"), f"{where}: gates")
                                  .get("kept_fraction"), f"{where}: gates.kept_fraction"),
+        "polarised_fraction": _polarised(_object(results.get("gates"), f"{where}: gates"),
+                                         f"{where}: gates"),
         "history": _read_history(run_dir / "history.jsonl"),
     }
     run["notes"] = _notes(results, run)
@@ -156,7 +159,25 @@ def _epoch(entry: dict, where: str, default_epoch: int) -> dict:
         "regulariser": _number(entry.get("regulariser"), f"{where}: regulariser"),
         "params_if_shrunk": _number(shrunk.get("total"), f"{where}: params_if_shrunk.total"),
         "gates": [_gate(gate, f"{where}: gates[{i}]") for i, gate in enumerate(gates)],
+        "polarised_fraction": _polarised(entry, where),
+        "retention_counts": _retention_counts(entry, where),
     }
+
+
+def _polarised(holder: dict, where: str):
+    """`retentions.polarised_fraction` of a history entry or results.json's gates; None if absent."""
+    retentions = _object(holder.get("retentions"), f"{where}: retentions")
+    return _number(retentions.get("polarised_fraction"), f"{where}: retentions.polarised_fraction")
+
+
+def _retention_counts(entry: dict, where: str):
+    """The retention histogram (units per equal bin of [0, 1]) of an epoch; None if absent."""
+    counts = _object(entry.get("retentions"), f"{where}: retentions").get("counts")
+    if counts is None:
+        return None
+    if not isinstance(counts, list) or not counts:
+        raise ReportError(f"{where}: retentions.counts: expected a list of numbers, got {counts!r}")
+    return [_number(c, f"{where}: retentions.counts[{i}]") for i, c in enumerate(counts)]
 
 
 def _gate(gate, where: str) -> dict:
@@ -342,7 +363,8 @@ def _columns(splits: list[str]) -> dict:
         columns[f"wer_{split}"] = "{:.2f}".format
         columns[f"cer_{split}"] = "{:.2f}".format
     columns.update({"rtf": "{:.3f}".format, "flops_encoder_per_audio_second": "{:.3g}".format,
-                    "kept_fraction": "{:.3f}".format, "notes": str, "run_dir": str})
+                    "kept_fraction": "{:.3f}".format, "polarised_fraction": "{:.3f}".format,
+                    "notes": str, "run_dir": str})
     return columns
 
 
@@ -361,7 +383,8 @@ def _row(run: dict, splits: list[str]) -> dict:
         row[f"wer_{split}"] = values.get("wer")
         row[f"cer_{split}"] = values.get("cer")
     row.update({"rtf": run["rtf"], "flops_encoder_per_audio_second": run["flops"],
-                "kept_fraction": run["kept_fraction"], "notes": "; ".join(run["notes"]),
+                "kept_fraction": run["kept_fraction"],
+                "polarised_fraction": run["polarised_fraction"], "notes": "; ".join(run["notes"]),
                 "run_dir": str(run["dir"])})
     return row
 
@@ -413,6 +436,8 @@ def _write_pngs(runs, splits, colours, out_dir: Path) -> list[str]:
             name += "_"
         used.add(name)
         names.append(_save(_png_gates(run), out_dir, f"{name}.png"))
+        if _retention_epochs(run):
+            names.append(_save(_png_retentions(run), out_dir, f"retentions_{name[6:]}.png"))
     if any(run["history"] for run in runs):
         names.append(_save(_png_curves(runs), out_dir, "curves.png"))
     return names
@@ -470,10 +495,49 @@ def _png_gates(run: dict) -> Figure:
     return fig
 
 
+def _retention_epochs(run: dict) -> list[dict]:
+    return [e for e in run["history"] or [] if e["retention_counts"]]
+
+
+def _retention_grid(epochs: list[dict]):
+    """Share of units per retention bin [bin][epoch], and the bins' labels (low to high)."""
+    bins = max(len(e["retention_counts"]) for e in epochs)
+    share = [[None] * len(epochs) for _ in range(bins)]
+    for col, epoch in enumerate(epochs):
+        counts = epoch["retention_counts"]
+        if len(counts) == bins:  # an epoch logged with other bins is left blank
+            total = sum(counts) or 1.0
+            for row, count in enumerate(counts):
+                share[row][col] = count / total
+    labels = [f"{i / bins:.2f}-{(i + 1) / bins:.2f}" for i in range(bins)]
+    return share, labels
+
+
+def _png_retentions(run: dict) -> Figure:
+    """Share of units per retention bin, epochs across: polarised runs fill the top and bottom."""
+    epochs = _retention_epochs(run)
+    share, labels = _retention_grid(epochs)
+    fig = Figure(figsize=(0.6 * len(epochs) + 3.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    grid = [[math.nan if v is None else v for v in row] for row in share]
+    image = ax.imshow(grid, cmap="magma", vmin=0, vmax=1, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(epochs)), [f"{e['epoch']:g}" for e in epochs])
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel="epoch", ylabel="retention p")
+    last = epochs[-1]["polarised_fraction"]
+    polarised = "" if last is None else f", polarised {100 * last:.0f}% at the end"
+    ax.set_title(f"{run['label']}: units per retention bin{polarised}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="share of units")
+    return fig
+
+
 def _png_curves(runs: list[dict]) -> Figure:
-    """One panel per history key, one line per run; the sixth panel holds the legend."""
-    fig = Figure(figsize=(15, 8), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
+    """One panel per history key, one line per run; the panel after them holds the legend."""
+    rows = math.ceil((len(CURVES) + 1) / 3)
+    fig = Figure(figsize=(15, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, 3).ravel()
+    for ax in axes[len(CURVES) + 1:]:
+        ax.axis("off")
     with_history = [run for run in runs if run["history"]]
     for ax, (key, title) in zip(axes, CURVES):
         for i, run in enumerate(with_history):
@@ -564,6 +628,21 @@ def _plotly_gates(run: dict):
         fig.update_layout(sliders=[{"active": len(steps) - 1, "steps": steps,
                                     "currentvalue": {"prefix": "epoch "}, "pad": {"t": 40}}],
                           height=300 + 28 * len(layers))
+    return fig
+
+
+def _plotly_retentions(run: dict):
+    """Share of units per retention bin, epochs across."""
+    epochs = _retention_epochs(run)
+    share, labels = _retention_grid(epochs)
+    fig = go.Figure(go.Heatmap(
+        z=share, x=[f"{e['epoch']:g}" for e in epochs], y=labels, zmin=0, zmax=1,
+        colorscale="Magma", colorbar={"title": {"text": "share"}},
+        hovertemplate="epoch %{x}, p in %{y}: %{z:.1%} of units<extra></extra>"))
+    fig.update_layout(title=f"{run['label']}: units per retention bin",
+                      xaxis={"title": {"text": "epoch"}, "type": "category"},
+                      yaxis={"title": {"text": "retention p"}},
+                      height=420, template="plotly_white")
     return fig
 
 
@@ -689,8 +768,14 @@ def _gates_html(runs) -> str:
     if not gated:
         return _note_html("No run has gates in history.jsonl.")
     intro = ("<p>Fraction of units kept (gate retention above threshold), cell text "
-             "kept/units. The slider picks the epoch; it starts at the last.</p>")
-    return intro + "\n".join(_figure_html(_plotly_gates(run)) for run in gated)
+             "kept/units. The slider picks the epoch; it starts at the last. Below each, the "
+             "retention histogram per epoch: polarised gates fill its top and bottom rows.</p>")
+    figures = []
+    for run in gated:
+        figures.append(_plotly_gates(run))
+        if _retention_epochs(run):
+            figures.append(_plotly_retentions(run))
+    return intro + "\n".join(_figure_html(fig) for fig in figures)
 
 
 def _curves_html(runs) -> str:

@@ -19,6 +19,7 @@ from conformer_prune.gates import (
     TargetSchedule,
     iter_gates,
     logit,
+    retention_distribution,
 )
 from conformer_prune.model import build_asr_modules, count_params, param_state
 from tiny import TINY_ARCH
@@ -176,6 +177,20 @@ def test_budget_mode_moves_alpha_toward_target():
             gate.logits.fill_(-5.0)
     below(model, 0.5)
     assert below.alpha < 1.0
+
+
+def test_retention_distribution_counts_bins_and_polarised_share():
+    model = torch.nn.Sequential(AdaptiveDropout(4), AdaptiveDropout(2))
+    retentions = [0.01, 0.05, 0.35, 0.95, 0.999, 0.5]
+    with torch.no_grad():
+        model[0].logits.copy_(torch.tensor([logit(p) for p in retentions[:4]]))
+        model[1].logits.copy_(torch.tensor([logit(p) for p in retentions[4:]]))
+    spread = retention_distribution(model, bins=10, margin=0.1)
+    assert spread["counts"] == [2, 0, 0, 1, 0, 1, 0, 0, 0, 2]
+    assert spread["polarised_fraction"] == pytest.approx(4 / 6)
+    assert retention_distribution(model, bins=2)["counts"] == [3, 3]
+    with pytest.raises(ValueError, match="no AdaptiveDropout"):
+        retention_distribution(torch.nn.Linear(2, 2))
 
 
 def test_regulariser_needs_gates():

@@ -45,6 +45,14 @@ def gates(epoch):
             for layer in range(LAYERS) for site, units in SITES.items()]
 
 
+def retentions(epoch):
+    """A 10-bin retention histogram that empties its middle bins epoch by epoch."""
+    middle = 60 // epoch
+    counts = [20 * epoch] + [middle] * 8 + [20 * epoch]
+    return {"bins": 10, "counts": counts, "margin": 0.1,
+            "polarised_fraction": (counts[0] + counts[-1]) / sum(counts)}
+
+
 def history(gated):
     slower = 1.2 if gated else 1.0  # so that the two runs' curves differ
     lines = []
@@ -56,7 +64,7 @@ def history(gated):
             entry.update({"regulariser": 1.0 / epoch, "regulariser_target": 0.3,
                           "params_if_shrunk": {"total": 2_000_000 - epoch * 300_000,
                                                "encoder": 1_000_000, "decoder": 700_000},
-                          "gates": gates(epoch)})
+                          "gates": gates(epoch), "retentions": retentions(epoch)})
         lines.append(json.dumps(entry))
     return "\n".join(lines) + "\n"
 
@@ -72,7 +80,8 @@ def write_run(run_dir, results_json, history_jsonl=None):
 def write_fake_runs(root):
     """Four runs below root: dense, gated, shrunk and an old one missing most fields."""
     gated_results = results("conformer_adrop", "adrop", "gated", 2_000_000, 11.0, 26.0,
-                            gates={"threshold": 0.5, "kept_fraction": 0.55})
+                            gates={"threshold": 0.5, "kept_fraction": 0.55,
+                                   "retentions": retentions(EPOCHS)})
     return {
         "dense": write_run(root / "conformer_dense" / "1986",
                            results("conformer_dense", "dense", "dense", 2_000_000, 10.0, 25.0),
@@ -105,6 +114,7 @@ def test_writes_every_file(report):
     out = report["out"]
     assert report["index"] == out / "index.html"
     expected = ["index.html", "runs.csv", "runs.md", "curves.png", "gates_conformer_adrop.png",
+                "retentions_conformer_adrop.png",
                 "tradeoff_params_total.png", "tradeoff_params_encoder.png",
                 "tradeoff_flops.png", "tradeoff_rtf.png"]
     for name in expected:
@@ -118,8 +128,8 @@ def test_page_is_self_contained_with_plotly_once(report):
     assert page.count(banner) == 1
     # Nothing is fetched: no external scripts or stylesheets (the browser test checks requests).
     assert not re.search(r"<(script|link)[^>]+(src|href)=", page)
-    # 2 test splits + 1 gated run + training curves
-    assert page.count("Plotly.newPlot(") == 4
+    # 2 test splits + 1 gated run (kept units, retention histogram) + training curves
+    assert page.count("Plotly.newPlot(") == 5
     assert 'class="sortable"' in page
 
 
@@ -138,6 +148,7 @@ def test_csv_has_one_row_per_run_with_values(report):
     assert float(dense["rtf"]) == 0.055
     assert float(dense["flops_encoder_per_audio_second"]) == 2e8
     assert float(rows["conformer_adrop"]["kept_fraction"]) == 0.55
+    assert float(rows["conformer_adrop"]["polarised_fraction"]) == pytest.approx(120 / 280)
     assert rows["conformer_adrop_shrunk"]["model_kind"] == "shrunk"
     old = rows["old_run"]
     assert old["params_total"] == "" and old["wer_test-other"] == "" and old["rtf"] == ""
@@ -257,6 +268,10 @@ def test_malformed_results_names_the_file(tmp_path, text, message):
     ('{"epoch": 2, "gates": [{"layer": 0, "site": "ffn1", "units": 8}]}', "missing kept"),
     ('{"epoch": 2, "gates": [{"layer": 0, "site": "ffn1", "units": 0, "kept": 0}]}',
      "expected a positive number"),
+    ('{"epoch": 2, "retentions": {"counts": "many"}}', "retentions.counts: expected a list"),
+    ('{"epoch": 2, "retentions": {"counts": [1, "x"]}}', "retentions.counts[1]: expected a number"),
+    ('{"epoch": 2, "retentions": {"polarised_fraction": "most"}}',
+     "retentions.polarised_fraction: expected a number"),
 ])
 def test_malformed_history_names_file_and_line(tmp_path, bad_line, message):
     run_dir = write_run(tmp_path / "run", results("r", "adrop", "gated", 1000, 10.0, None),

@@ -287,8 +287,22 @@ def tokenizer_model_path(hparams):
 
 
 def load_tokenizer(hparams):
+    """The trained SentencePiece model; its pieces must fit the model's `output_neurons`.
+
+    With `token_type: char` SentencePiece keeps every character of the train text, however
+    many, so a corpus with more symbols than `output_neurons` would give targets the output
+    layer cannot score (a CTC error deep in training); say so before training starts.
+    """
+    path = tokenizer_model_path(hparams)
     tokenizer = hparams["tokenizer"]
-    tokenizer.load(str(tokenizer_model_path(hparams)))
+    tokenizer.load(str(path))
+    pieces = tokenizer.get_piece_size()
+    if pieces > hparams["output_neurons"]:
+        raise ValueError(
+            f"{path}: the tokenizer has {pieces} pieces but the model has output_neurons: "
+            f"{hparams['output_neurons']}; set output_neurons to at least {pieces} "
+            f"(YAML or --output_neurons {pieces})"
+        )
     return tokenizer
 
 

@@ -4,12 +4,13 @@ import math
 from pathlib import Path
 
 import pytest
+import sentencepiece
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 
-from conformer_prune.asr_brain import ASRBrain
+from conformer_prune.asr_brain import ASRBrain, load_tokenizer, train_tokenizer
 from conformer_prune.gates import iter_gates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +104,18 @@ def test_augmentation_can_be_switched_off_in_yaml(tmp_path):
     brain, loss = one_training_step(hparams)
     assert brain._augmenters(sb.Stage.TRAIN) == (None, None)
     assert math.isfinite(loss.item())
+
+
+def test_tokenizer_with_more_pieces_than_outputs_is_refused(tmp_path):
+    csv_path = tmp_path / "train.csv"
+    lines = ["ID,duration,wav,spk_id,wrd"]
+    lines += [f"u{i},1.0,x.flac,s,{text}" for i, text in
+              enumerate(["THE QUICK BROWN FOX", "JUMPS OVER THE LAZY DOG", "PACK MY BOX"] * 5)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    hparams = {"tokenizer_folder": str(tmp_path / "tok"), "train_csv": str(csv_path),
+               "output_neurons": 12, "token_type": "char", "bos_index": 1, "eos_index": 2,
+               "tokenizer": sentencepiece.SentencePieceProcessor()}
+    train_tokenizer(hparams)
+    with pytest.raises(ValueError, match=r"12_char.model: the tokenizer has \d+ pieces but the "
+                                         r"model has output_neurons: 12"):
+        load_tokenizer(hparams)

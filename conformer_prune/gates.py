@@ -218,6 +218,14 @@ class RetentionRegulariser:
         expected parameter count (dense count minus, per gate, unit_cost * (units - sum p)) and
         B(t) = P_dense - (P_dense - target_params) * schedule.fraction(progress) is the budget
         trajectory: alpha grows while the model is above its budget and shrinks below it.
+    keep_target : float, optional
+        Commit phase: once the target has finished falling (`schedule.fraction` reaches 1), units
+        whose retention is at or above their gate's threshold are pulled toward this logit
+        instead of c(t); units below it keep c(t). Why: the falling target selects units, but a
+        survivor held by one common target settles where the loss's push up balances the pull
+        down, often at p = 0.3-0.8, where training still drops it part of the time and the
+        evaluation mask never does. Splitting the target by side makes the retentions polarise
+        (docs/TRAINING.md); a unit the loss fights for can still cross the threshold.
     """
 
     def __init__(
@@ -230,6 +238,7 @@ class RetentionRegulariser:
         budget_gain=0.1,
         budget_every=100,
         alpha_bounds=(1e-6, 1e3),
+        keep_target=None,
     ):
         if normalise not in ("mean", "sum"):
             raise ValueError(f"RetentionRegulariser: normalise {normalise!r} not in mean, sum")
@@ -241,6 +250,7 @@ class RetentionRegulariser:
         self.budget_gain = budget_gain
         self.budget_every = budget_every
         self.alpha_bounds = alpha_bounds
+        self.keep_target = keep_target
         self.target = schedule.c(0.0)  # last c(t), for logging
         self._calls = 0
         self._dense_params = None
@@ -256,12 +266,19 @@ class RetentionRegulariser:
             if self._calls % self.budget_every == 0:
                 self.adapt_alpha(model, progress)
         logits = torch.cat([gate.logits for gate in gates])
-        squares = (logits - self.target) ** 2
+        squares = (logits - self._unit_targets(gates, progress)) ** 2
         if self.cost_weighted:
             weights = torch.cat([logits.new_full((g.units,), float(g.unit_cost)) for g in gates])
             squares = squares * (weights / weights.mean())
         total = squares.sum() if self.normalise == "sum" else squares.mean()
         return self.alpha * total
+
+    def _unit_targets(self, gates, progress):
+        """c(t) for every unit, or per side of the threshold in the commit phase."""
+        if self.keep_target is None or self.schedule.fraction(progress) < 1.0:
+            return self.target
+        kept = torch.cat([gate.keep_mask() for gate in gates])
+        return torch.where(kept, self.keep_target, self.target).to(gates[0].logits.dtype)
 
     def expected_params(self, model):
         """Expected parameter count after shrink, from the gates' retentions (a float)."""

@@ -164,6 +164,26 @@ def test_regulariser_pulls_logits_toward_target():
     assert torch.allclose(logits, torch.tensor(-3.0), atol=1e-3)
 
 
+def test_commit_phase_pulls_each_unit_to_the_pole_on_its_side():
+    gate = AdaptiveDropout(4)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([1.0, 0.5, -0.5, -1.0]))
+    schedule = TargetSchedule("linear", 3.0, -3.0, span=0.5)
+    regulariser = RetentionRegulariser(1.0, schedule, keep_target=4.0)
+    # While the target falls, every unit has the same target.
+    assert regulariser(gate, 0.25).item() == pytest.approx(
+        sum((b - 0.0) ** 2 for b in (1.0, 0.5, -0.5, -1.0)) / 4)
+    # Once it has fallen, kept units (p >= 0.5) are pulled to keep_target, the rest to c.
+    expected = ((1.0 - 4.0) ** 2 + (0.5 - 4.0) ** 2 + (-0.5 + 3.0) ** 2 + (-1.0 + 3.0) ** 2) / 4
+    assert regulariser(gate, 0.6).item() == pytest.approx(expected)
+    optimiser = torch.optim.SGD(gate.parameters(), lr=0.5)
+    for _ in range(50):
+        optimiser.zero_grad()
+        regulariser(gate, 1.0).backward()
+        optimiser.step()
+    assert torch.allclose(gate.logits, torch.tensor([4.0, 4.0, -3.0, -3.0]), atol=1e-3)
+
+
 def test_budget_mode_moves_alpha_toward_target():
     model = _two_gates()
     model["w"] = torch.nn.Linear(10, 10)  # 110 dense parameters (gate logits do not count)

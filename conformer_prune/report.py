@@ -532,13 +532,14 @@ def _png_retentions(run: dict) -> Figure:
 
 
 def _png_curves(runs: list[dict]) -> Figure:
-    """One panel per history key, one line per run; the panel after them holds the legend."""
-    rows = math.ceil((len(CURVES) + 1) / 3)
-    fig = Figure(figsize=(15, 4 * rows), layout="constrained")
-    axes = fig.subplots(rows, 3).ravel()
-    for ax in axes[len(CURVES) + 1:]:
-        ax.axis("off")
+    """One panel per history key, one line per run; the legend below the panels."""
+    rows = math.ceil(len(CURVES) / 3)
     with_history = [run for run in runs if run["history"]]
+    fig = Figure(figsize=(15, 4 * rows + 0.3 * math.ceil(len(with_history) / 4)),
+                 layout="constrained")
+    axes = fig.subplots(rows, 3).ravel()
+    for ax in axes[len(CURVES):]:
+        ax.axis("off")
     for ax, (key, title) in zip(axes, CURVES):
         for i, run in enumerate(with_history):
             colour, dash = _line_style(i)
@@ -552,10 +553,9 @@ def _png_curves(runs: list[dict]) -> Figure:
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    legend_ax = axes[len(CURVES)]
-    legend_ax.axis("off")
-    legend_ax.legend(handles.values(), handles.keys(), loc="upper left", fontsize=8,
-                     ncol=max(1, len(handles) // 20))
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", fontsize=8,
+                   ncol=min(4, len(handles)))
     return fig
 
 

@@ -19,7 +19,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 # network refuses, and those failures would muddle the console.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FIGURES = 4  # test-clean and test-other trade-offs, one gated run's gates, training curves
+FIGURES = 5  # test-clean and test-other trade-offs, one gated run's gates and retention
+# histogram, training curves
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
@@ -64,7 +65,8 @@ def test_plotly_figures_render(dashboard):
         .filter(plot => plot.querySelector('svg.main-svg')).length""")
     assert rendered == FIGURES
     assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
-    assert page.locator(".js-plotly-plot .hm image").count() == 1  # the gate heatmap
+    # the gate heatmap and the retention histogram
+    assert page.locator(".js-plotly-plot .hm image").count() == 2
     assert page.locator(".js-plotly-plot .slider-container").count() == 1  # its epoch slider
 
 

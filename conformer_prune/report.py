@@ -431,13 +431,13 @@ def _write_pngs(runs, splits, colours, out_dir: Path) -> list[str]:
             names.append(_save(fig, out_dir, f"tradeoff_{key}.png"))
     used = set()
     for run in _gated_runs(runs):
-        name = f"gates_{_slug(run['label'])}"
-        while name in used:  # two labels can slug alike
-            name += "_"
-        used.add(name)
-        names.append(_save(_png_gates(run), out_dir, f"{name}.png"))
+        stem = _slug(run["label"])
+        while stem in used:  # two labels can slug alike
+            stem += "_"
+        used.add(stem)
+        names.append(_save(_png_gates(run), out_dir, f"gates_{stem}.png"))
         if _retention_epochs(run):
-            names.append(_save(_png_retentions(run), out_dir, f"retentions_{name[6:]}.png"))
+            names.append(_save(_png_retentions(run), out_dir, f"retentions_{stem}.png"))
     if any(run["history"] for run in runs):
         names.append(_save(_png_curves(runs), out_dir, "curves.png"))
     return names
@@ -647,7 +647,8 @@ def _plotly_retentions(run: dict):
 
 
 def _plotly_curves(runs: list[dict]):
-    fig = make_subplots(rows=2, cols=3, subplot_titles=[title for _, title in CURVES],
+    fig = make_subplots(rows=math.ceil(len(CURVES) / 3), cols=3,
+                        subplot_titles=[title for _, title in CURVES],
                         horizontal_spacing=0.07, vertical_spacing=0.15)
     in_legend = set()
     for i, run in enumerate(run for run in runs if run["history"]):
@@ -663,7 +664,8 @@ def _plotly_curves(runs: list[dict]):
                 row=panel // 3 + 1, col=panel % 3 + 1)
             in_legend.add(run["label"])
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(height=700, template="plotly_white", title="Training curves")
+    fig.update_layout(height=350 * math.ceil(len(CURVES) / 3), template="plotly_white",
+                      title="Training curves")
     return fig
 
 

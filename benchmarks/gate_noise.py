@@ -10,19 +10,18 @@ pull, Adam moves a logit by a small fraction of its learning rate per step (docs
 """
 
 import argparse
-import glob
-import os
 
 import torch
 
-from conformer_prune.model import GATE_KEY_MARK
+from conformer_prune.gates import iter_gates
+from conformer_prune.shrink import load_gated_run
 
 BANDS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0001))
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a gated run folder (with save/CKPT+*)")
+    parser.add_argument("run", help="a gated run folder (its latest checkpoint) or a CKPT+ folder")
     parser.add_argument("--alpha", type=float, default=0.5, help="the run's regulariser alpha")
     parser.add_argument("--target", type=float, default=-4.0, help="the target c at the end")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98),
@@ -30,20 +29,13 @@ def parse_args():
     return parser.parse_args()
 
 
-def last_checkpoint(run):
-    checkpoints = sorted(glob.glob(os.path.join(run, "save", "CKPT+*")))
-    if not checkpoints:
-        raise SystemExit(f"{run}: no save/CKPT+* folder")
-    return checkpoints[-1]
-
-
 def main():
     args = parse_args()
-    checkpoint = last_checkpoint(args.run)
-    model = torch.load(os.path.join(checkpoint, "model.ckpt"), map_location="cpu")
-    state = torch.load(os.path.join(checkpoint, "gate_optimizer.ckpt"), map_location="cpu")
+    run = load_gated_run(args.run)
+    checkpoint = run["checkpoint"]
+    state = torch.load(checkpoint / "gate_optimizer.ckpt", map_location="cpu")
     # The gate optimizer holds exactly the gate logits, in the model's parameter order.
-    logits = torch.cat([v.flatten() for k, v in model.items() if k.endswith(GATE_KEY_MARK)])
+    logits = torch.cat([gate.logits.detach().flatten() for _, gate in iter_gates(run["modules"])])
     moments = [state["state"][i] for i in sorted(state["state"])]
     step = float(moments[0]["step"])
     beta1, beta2 = args.betas

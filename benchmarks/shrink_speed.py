@@ -102,8 +102,7 @@ def encoder(asr, feats):
 def full_decoder(asr, normalize, features, search):
     """The whole decode of a batch: features, encoder and beam search."""
     def decode(wavs, lens):
-        feats = normalize(features(wavs), lens)
-        return search(asr.Transformer.encode(asr.CNN(feats), lens), lens)
+        return search(encoder(asr, normalize(features(wavs), lens))(lens), lens)
 
     return decode
 

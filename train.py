@@ -33,6 +33,10 @@ from conformer_prune.scoring import git_commit, hparams_sha256, write_results
 
 
 def main(argv):
+    if not sys.stderr.isatty() and "--noprogressbar" not in argv:
+        # In a log file tqdm's redrawn bar is one endless line; ASRBrain writes a plain
+        # progress line now and then instead.
+        argv = [*argv, "--noprogressbar"]
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)

@@ -8,6 +8,7 @@ not import this module.
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
 from conformer_prune.model import GATE_KEY_MARK
+from conformer_prune.progress import LineProgress
 from conformer_prune.scoring import error_rates, write_alignments
 
 logger = logging.getLogger(__name__)
@@ -135,9 +137,17 @@ class ASRBrain(sb.core.Brain):
         self.ids, self.references, self.greedy_hyps, self.beam_hyps = [], [], [], []
         self.regulariser_sum, self.regulariser_batches = 0.0, 0
         self.stage_started = time.perf_counter()
+        self.progress_lines = None
+        if stage == sb.Stage.TRAIN and self.noprogressbar and if_main_process():
+            # No tqdm bar (stderr is a log file): a plain line every minute or 10% instead.
+            self.progress_lines = LineProgress(
+                getattr(self, "batches_per_epoch", 0), f"epoch {epoch} train", "batch",
+                sys.stderr, every_seconds=60.0, every_percent=10.0)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
+            if self.progress_lines is not None:
+                self.progress_lines.close()
             self.train_stats = {"loss": stage_loss}
             if self.regulariser_batches:
                 self.train_stats["regulariser"] = self.regulariser_sum / self.regulariser_batches
@@ -220,6 +230,10 @@ class ASRBrain(sb.core.Brain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
             self.hparams.lr_annealing(self.optimizer)
+        if self.progress_lines is not None:
+            self.progress_lines.postfix = (f"train loss {self.avg_train_loss:.3f} "
+                                           f"(step {self.optimizer_step})")
+            self.progress_lines.update()
 
     def _end_test(self, stage_loss):
         rates = error_rates(self.references, self.beam_hyps)
@@ -258,6 +272,7 @@ def init_progress_clock(brain, train_data, hparams):
         batches = len(loader_opts["batch_sampler"])
     else:
         batches = math.ceil(len(train_data) / loader_opts.get("batch_size", 1))
+    brain.batches_per_epoch = batches
     brain.total_train_steps = hparams["number_of_epochs"] * max(
         1, batches // hparams.get("grad_accumulation_factor", 1)
     )

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import soundfile
-from tqdm import tqdm
+
+from conformer_prune.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,15 @@ def prepare_split(root, split, save_folder, max_duration, progress):
         )
 
     rows, skipped = [], []
-    for utt in tqdm(utterances, desc=split, unit="file", disable=not progress):
+    bar = progress_bar(len(utterances), f"prepare {split}", unit="file", enabled=progress)
+    for utt in utterances:
         duration = audio_duration(utt.wav)
+        bar.update()
         if max_duration is not None and duration > max_duration:
             skipped.append((utt.utt_id, duration))
         else:
             rows.append([utt.utt_id, str(duration), str(utt.wav), utt.spk_id, utt.words])
+    bar.close()
 
     csv_path = save_folder / f"{split}.csv"
     with atomic_write(csv_path) as f:

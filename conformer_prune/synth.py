@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from tqdm import tqdm
+
+from conformer_prune.progress import progress as progress_bar
 
 SAMPLE_RATE = 16000
 TRAIN_SPLIT = "train-clean-100"
@@ -477,7 +478,7 @@ def render_to_file(job):
 
 
 def run_jobs(jobs, workers, progress):
-    bar = tqdm(total=len(jobs), desc="synth-corpus", unit="utt", disable=not progress)
+    bar = progress_bar(len(jobs), "synth-corpus", unit="utt", enabled=progress)
     if workers <= 1:
         for job in jobs:
             render_to_file(job)

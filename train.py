@@ -21,6 +21,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from conformer_prune.asr_brain import (
     ASRBrain,
+    attach_method,
     dataio_prepare,
     evaluate_splits,
     init_progress_clock,
@@ -60,6 +61,7 @@ def main(argv):
     tokenizer = load_tokenizer(hparams)
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
+    attach_method(hparams)
     brain = ASRBrain(
         modules=hparams["modules"],
         opt_class=hparams["optimizer"],
@@ -92,32 +94,21 @@ def params_of_saved_model(brain):
 
 def write_run_results(hparams, brain, splits, decode):
     """results.json of the run (docs/FORMATS.md): counts from the tensors of the decoded model."""
-    asr = brain.modules.asr
-    gated = "regulariser" in hparams
+    method = brain.method
     results = {
         "name": hparams["experiment_name"],
-        "method": hparams["method"],
+        "method": method.name,
+        "method_detail": method.describe(),
         "seed": hparams["seed"],
-        "model_kind": "gated" if gated else "dense",
+        "model_kind": method.model_kind,
         "git_commit": git_commit(),
         "hparams_sha256": hparams_sha256(Path(hparams["output_folder"]) / "hyperparams.yaml"),
         "params": params_of_saved_model(brain),
         "decode": decode,
         "splits": splits,
         "epochs": brain.hparams.epoch_counter.current,
+        **method.results_summary(brain.modules),
     }
-    if gated:
-        from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
-        from conformer_prune.gates import retention_distribution
-
-        summary = gate_summary(asr)
-        units = sum(g["units"] for g in summary)
-        results["gates"] = {
-            "threshold": hparams["gate_threshold"],
-            "kept_fraction": sum(g["kept"] for g in summary) / max(1, units),
-            "params_if_shrunk": params_if_shrunk(asr),
-            "retentions": retention_distribution(asr),
-        }
     write_results(Path(hparams["output_folder"]) / "results.json", results)
 
 

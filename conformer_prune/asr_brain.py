@@ -19,7 +19,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
-from conformer_prune.model import GATE_KEY_MARK
+from conformer_prune.methods import Dense
 from conformer_prune.progress import LineProgress
 from conformer_prune.scoring import error_rates, write_alignments
 
@@ -27,8 +27,17 @@ logger = logging.getLogger(__name__)
 
 
 class ASRBrain(sb.core.Brain):
-    """Conformer CTC/attention training, with the adaptive-dropout regulariser when the YAML
-    declares one (`regulariser`), and decoding that records timing for results.json."""
+    """Conformer CTC/attention training with the YAML's pruning method (`method`, see
+    conformer_prune/methods/base.py for the hooks it calls), and decoding that records timing
+    for results.json."""
+
+    @property
+    def method(self):
+        """The YAML's pruning method; plain training when it declares none (decoding)."""
+        method = getattr(self.hparams, "method", None)
+        if method is None:
+            method = self.hparams.method = Dense()
+        return method
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -72,8 +81,10 @@ class ASRBrain(sb.core.Brain):
         loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
         loss = self.hparams.ctc_weight * loss_ctc + (1 - self.hparams.ctc_weight) * loss_seq
 
-        if stage == sb.Stage.TRAIN and self.regulariser is not None:
-            penalty = self.regulariser(self.modules.asr, self.training_progress())
+        if stage == sb.Stage.TRAIN:
+            penalty = self.method.penalty(self.modules, self.training_progress())
+            if penalty is None:
+                return loss
             self.regulariser_sum += penalty.detach().item()
             self.regulariser_batches += 1
             return loss + penalty
@@ -88,23 +99,20 @@ class ASRBrain(sb.core.Brain):
         return loss
 
     def init_optimizers(self):
-        """Gate logits get their own optimizer when the YAML declares `gate_optimizer`.
-
-        Why: the model's AdamW weight decay would pull every logit toward 0 (retention 0.5), and
-        the Noam schedule would tie the gates' step size to the model's warm-up; the gates need a
-        constant rate to follow the regulariser's target over the whole run.
-        """
-        if "gate_optimizer" not in self.hparams.__dict__:
+        """The model's optimizer over every parameter that the method's own optimizers
+        (`method.optimizers`, e.g. the gate logits') do not take; each is checkpointed."""
+        extra = self.method.optimizers(self.modules)
+        if not extra:
             return super().init_optimizers()
-        gate_params = [p for name, p in self.modules.named_parameters() if GATE_KEY_MARK in name]
-        gate_ids = {id(p) for p in gate_params}
-        model_params = [p for p in self.modules.parameters() if id(p) not in gate_ids]
+        owned = {id(p) for opt in extra.values() for group in opt.param_groups
+                 for p in group["params"]}
+        model_params = [p for p in self.modules.parameters() if id(p) not in owned]
         self.optimizer = self.opt_class(model_params)
-        self.gate_optimizer = self.hparams.gate_optimizer(gate_params)
-        self.optimizers_dict = {"model": self.optimizer, "gates": self.gate_optimizer}
+        self.optimizers_dict = {"model": self.optimizer, **extra}
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
-            self.checkpointer.add_recoverable("gate_optimizer", self.gate_optimizer)
+            for name, optimizer in extra.items():
+                self.checkpointer.add_recoverable(name, optimizer)
 
     # ----- helpers -----------------------------------------------------------------------
 
@@ -114,10 +122,6 @@ class ASRBrain(sb.core.Brain):
             return None, None
         return (getattr(self.hparams, "wav_augment", None),
                 getattr(self.hparams, "fea_augment", None))
-
-    @property
-    def regulariser(self):
-        return getattr(self.hparams, "regulariser", None)
 
     def training_progress(self):
         """Fraction of all optimiser steps done: the clock of the regulariser's target c(t)."""
@@ -186,22 +190,12 @@ class ASRBrain(sb.core.Brain):
         )
 
     def _gate_entry(self):
-        """Per-epoch gate visibility for gated runs (docs/FORMATS.md, history.jsonl)."""
-        if self.regulariser is None:
+        """The method's per-epoch fields (docs/FORMATS.md, history.jsonl), with the mean loss
+        term it added in training."""
+        summary = self.method.epoch_summary(self.modules, self.training_progress())
+        if not summary:
             return {}
-        from conformer_prune.gated_conformer import gate_summary, params_if_shrunk
-        from conformer_prune.gates import retention_distribution
-
-        progress = self.training_progress()
-        return {
-            "regulariser": self.train_stats.get("regulariser"),
-            "regulariser_target": float(self.regulariser.schedule.c(progress)),
-            "regulariser_alpha": float(self.regulariser.alpha),
-            "progress": progress,
-            "params_if_shrunk": params_if_shrunk(self.modules.asr),
-            "gates": gate_summary(self.modules.asr),
-            "retentions": retention_distribution(self.modules.asr),
-        }
+        return {"regulariser": self.train_stats.get("regulariser"), **summary}
 
     def _log_gates(self, entry):
         if "gates" not in entry:
@@ -230,6 +224,7 @@ class ASRBrain(sb.core.Brain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
             self.hparams.lr_annealing(self.optimizer)
+            self.method.after_step(self.modules, self.training_progress())
         if self.progress_lines is not None:
             self.progress_lines.postfix = (f"train loss {self.avg_train_loss:.3f} "
                                            f"(step {self.optimizer_step})")
@@ -263,6 +258,15 @@ def _retention_line(retentions):
                      for i, count in enumerate(retentions["counts"]))
     return (f"  retentions polarised (p<{margin:g} or p>{1 - margin:g}) "
             f"{100 * retentions['polarised_fraction']:.1f}%; histogram {cells}")
+
+
+def attach_method(hparams):
+    """Lets the YAML's pruning method change the model (gates, a pruned source, compact widths)
+    before the Brain and the checkpointer see it, and saves its state in every checkpoint."""
+    method = hparams["method"]
+    method.attach(hparams["modules"])
+    hparams["checkpointer"].add_recoverable("method", method)
+    return method
 
 
 def init_progress_clock(brain, train_data, hparams):

@@ -22,13 +22,15 @@ from torch.nn import functional as F
 
 from conformer_prune.gates import AdaptiveDropout
 from conformer_prune.model import GATE_KEY_MARK, count_params, param_state
+from conformer_prune.sites import (
+    effective_keep,
+    encoder_layers,
+    module_unit_cost,
+    params_after_keep,
+)
 
+# The gate sites a YAML names: "ffn" gates both macaron FFNs (sites ffn1 and ffn2).
 SITES = ("ffn", "query", "value", "conv")
-
-
-def _own_params(module):
-    """Parameters of a module, gate logits excluded."""
-    return sum(p.numel() for name, p in module.named_parameters() if GATE_KEY_MARK not in name)
 
 
 def _become(module, gated_class, **gates):
@@ -58,24 +60,12 @@ class GatedPositionalwiseFeedForward(PositionalwiseFeedForward):
         linear1, activation, dropout, linear2 = self.ffn
         return linear2(dropout(self.gate(activation(linear1(x)))))
 
-    def kept(self):
-        """Boolean mask of the hidden units that survive the shrink."""
-        return self.gate.keep_mask()
-
-    def unit_cost(self):
-        """A hidden unit owns a row and a bias of the first linear, a column of the second."""
-        linear1, _, _, linear2 = self.ffn
-        return linear1.in_features + 1 + linear2.out_features
-
-    def shrunk_params(self):
-        linear1, _, _, linear2 = self.ffn
-        return int(self.kept().sum()) * self.unit_cost() + linear2.out_features
 
 
 def gate_ffn(ffn, **gate_args):
     gate = AdaptiveDropout(ffn.ffn[0].out_features, **gate_args)
     module = _become(ffn, GatedPositionalwiseFeedForward, gate=gate)
-    gate.unit_cost = module.unit_cost()
+    gate.unit_cost = module_unit_cost(module, "ffn1")
     return module
 
 
@@ -178,34 +168,13 @@ class GatedRelPosMHAXL(RelPosMHAXL):
         return qkv.view(query.shape[0], -1, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
 
     def kept(self):
-        """Boolean (heads, head_dim) masks of the query and value dimensions that survive.
-
-        A head whose value dimensions are all closed outputs nothing, so its query (and key)
-        dimensions are useless and go too. A head with only its query dimensions all closed stays:
-        it attends uniformly over the unpadded keys.
-        """
+        """Boolean (heads, head_dim) masks of the query and value dimensions that survive
+        (sites.effective_keep: a head without value dimensions loses its queries too)."""
         shape = (self.num_heads, self.head_dim)
         full = torch.ones(shape, dtype=torch.bool, device=self.in_proj_weight.device)
         q_keep = full if self.query_gate is None else self.query_gate.keep_mask().view(shape)
         v_keep = full if self.value_gate is None else self.value_gate.keep_mask().view(shape)
-        return q_keep & v_keep.any(dim=1, keepdim=True), v_keep
-
-    def query_unit_cost(self):
-        """Wq row, Wk row, linear_pos row, pos_bias_u and pos_bias_v entries."""
-        return 3 * self.embed_dim + 2
-
-    def value_unit_cost(self):
-        """Wv row and out_proj column."""
-        return 2 * self.embed_dim
-
-    def shrunk_params(self):
-        q_keep, v_keep = self.kept()
-        queries, values = int(q_keep.sum()), int(v_keep.sum())
-        return (
-            queries * self.query_unit_cost()
-            + values * self.value_unit_cost()
-            + self.out_proj.out_features  # out_proj bias
-        )
+        return effective_keep(q_keep, v_keep)
 
 
 def is_self_attention(query, key, value):
@@ -228,9 +197,9 @@ def gate_attention(mha, query, value, **gate_args):
         value_gate=AdaptiveDropout(units, **gate_args) if value else None,
     )
     if module.query_gate is not None:
-        module.query_gate.unit_cost = module.query_unit_cost()
+        module.query_gate.unit_cost = module_unit_cost(module, "query")
     if module.value_gate is not None:
-        module.value_gate.unit_cost = module.value_unit_cost()
+        module.value_gate.unit_cost = module_unit_cost(module, "value")
     return module
 
 
@@ -263,23 +232,6 @@ class GatedConvolutionModule(ConvolutionModule):
             out = out.masked_fill(mask, 0.0)
         return out
 
-    def kept(self):
-        """Boolean mask of the depthwise channels that survive the shrink."""
-        return self.gate.keep_mask()
-
-    def unit_cost(self):
-        """Two pointwise rows with biases (GLU value and gate), the depthwise filter, the
-        LayerNorm weight and bias, a column of the last Linear. The depthwise bias stays (as a
-        phantom constant), so it is not counted."""
-        d_model, kernel = self.after_conv[2].out_features, self.conv.kernel_size[0]
-        return 2 * (d_model + 1) + kernel + 2 + d_model
-
-    def shrunk_params(self):
-        kept = self.kept()
-        if not kept.any():
-            # Nothing left: the module's output is the bias of its last Linear.
-            return self.after_conv[2].out_features
-        return _own_params(self) - int((~kept).sum()) * self.unit_cost()
 
 
 def gate_conv(conv, **gate_args):
@@ -287,27 +239,11 @@ def gate_conv(conv, **gate_args):
         raise ValueError("insert_gates: the convolution module needs biases (bias=True)")
     gate = AdaptiveDropout(conv.conv.in_channels, **gate_args)
     module = _become(conv, GatedConvolutionModule, gate=gate)
-    gate.unit_cost = module.unit_cost()
+    gate.unit_cost = module_unit_cost(module, "conv")
     return module
 
 
 # ------------------------------------------------------------------------------ the model
-
-
-def find_transformer(model):
-    """The TransformerASR inside a ModuleDict / ModuleList / wrapper (or the model itself)."""
-    for module in model.modules():
-        if isinstance(module, TransformerASR):
-            return module
-    raise ValueError("no TransformerASR found in the model")
-
-
-def encoder_layers(model):
-    layers = find_transformer(model).encoder.layers
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, ConformerEncoderLayer):
-            raise ValueError(f"encoder layer {i} is a {type(layer).__name__}, not Conformer's")
-    return layers
 
 
 def insert_gates(
@@ -361,20 +297,7 @@ def site_gates(layer):
     return [(site, gate) for site, gate in candidates if gate is not None]
 
 
-# Where the prunable modules sit in a ConformerEncoderLayer, under the names shrink widths use.
-MODULE_PATHS = {
-    "ffn1": "ffn_module1.1",
-    "ffn2": "ffn_module2.1",
-    "attention": "mha_layer",
-    "conv": "convolution_module",
-}
 GATED_CLASSES = (GatedPositionalwiseFeedForward, GatedRelPosMHAXL, GatedConvolutionModule)
-
-
-def gated_modules(layer):
-    """The gated modules of one encoder layer, as (name, module), names from MODULE_PATHS."""
-    modules = [(name, layer.get_submodule(path)) for name, path in MODULE_PATHS.items()]
-    return [(name, module) for name, module in modules if isinstance(module, GATED_CLASSES)]
 
 
 def set_threshold(model, threshold):
@@ -403,6 +326,36 @@ def gate_summary(model):
     return rows
 
 
+def gate_keep(model):
+    """The gates' decision as keep masks {(layer, site): bool mask} (sites.py's site names;
+    attention masks (heads, head_dim)), for the shrink and the parameter counts."""
+    keep = {}
+    for i, layer in enumerate(encoder_layers(model)):
+        for site, gate in site_gates(layer):
+            mask = gate.keep_mask()
+            if site in ("query", "value"):
+                mha = layer.mha_layer
+                mask = mask.view(mha.num_heads, mha.head_dim)
+            keep[(i, site)] = mask
+    return keep
+
+
+def masked_model(model, keep, logit=10.0):
+    """The model that a method's keep masks describe: gates with fixed logits (+-`logit`) at
+    every site in `keep`, in place. In eval mode it computes the pruned network exactly, so
+    that the shrink of any method's masks can be checked against it."""
+    sites = {"ffn" if site in ("ffn1", "ffn2") else site for _, site in keep}
+    insert_gates(model, sites=sorted(sites))
+    with torch.no_grad():
+        for i, layer in enumerate(encoder_layers(model)):
+            for site, gate in site_gates(layer):
+                mask = keep.get((i, site))
+                open_units = torch.ones(gate.units, dtype=torch.bool) if mask is None \
+                    else mask.flatten().to(gate.logits.device)
+                gate.logits.copy_(torch.where(open_units, logit, -logit))
+    return model
+
+
 def params_if_shrunk(modules):
     """Exact parameter counts {total, encoder, decoder, ctc} of the model shrunk now.
 
@@ -410,10 +363,7 @@ def params_if_shrunk(modules):
     Only encoder layers are gated, so only the encoder count changes.
     """
     counts = count_params(param_state(modules))
-    removed = 0
-    for layer in encoder_layers(modules):
-        for _, module in gated_modules(layer):
-            removed += _own_params(module) - module.shrunk_params()
+    removed = params_after_keep(modules, gate_keep(modules))
     counts["encoder"] -= removed
     counts["total"] -= removed
     return {part: counts[part] for part in ("total", "encoder", "decoder", "ctc")}

@@ -92,10 +92,12 @@ def count_params(state_dict):
     """Counts parameters per model part from saved tensors (a state_dict of the ModuleDict).
 
     Gate logits are training-time tensors, not model weights: they are counted apart under
-    `gate_logits`. Buffers that are not weights (positional tables, BatchNorm statistics)
+    `gate_logits`. `nonzero` and `encoder_nonzero` count the entries that are not exactly zero
+    (all model parts, and the encoder's). Buffers that are not weights (positional tables, BatchNorm statistics)
     are not parameters and are skipped by the caller passing only parameters, or here by name.
     """
-    counts = {"total": 0, "encoder": 0, "decoder": 0, "ctc": 0, "gate_logits": 0}
+    counts = {"total": 0, "encoder": 0, "decoder": 0, "ctc": 0, "gate_logits": 0,
+              "nonzero": 0, "encoder_nonzero": 0}
     for key, tensor in state_dict.items():
         if _is_buffer_key(key):
             continue
@@ -107,6 +109,11 @@ def count_params(state_dict):
             raise ValueError(f"count_params: no model part for tensor {key!r}")
         counts[part] += tensor.numel()
         counts["total"] += tensor.numel()
+        # Unstructured methods leave zeros in full-size tensors: what they really keep.
+        nonzero = int(torch.count_nonzero(tensor))
+        counts["nonzero"] += nonzero
+        if part == "encoder":
+            counts["encoder_nonzero"] += nonzero
     return counts
 
 

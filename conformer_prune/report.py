@@ -27,9 +27,11 @@ from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
 from conformer_prune.scoring import ResultsError, read_results
+from conformer_prune.sites import SITES  # the one registry of site names
 
-SITES = ("ffn1", "ffn2", "query", "value", "conv")
-PARAM_PARTS = ("total", "encoder", "decoder", "ctc")
+PARAM_PARTS = ("total", "encoder", "decoder", "ctc", "nonzero", "encoder_nonzero")
+# A baseline matched to another model's size must land within this of it (issue: equal size).
+SIZE_TOLERANCE = 0.02
 # tab10, used by plotly and matplotlib alike so that a method has one colour everywhere.
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -39,6 +41,8 @@ PALETTE = (
 X_AXES = (
     ("params_total", "Parameters (total)", lambda run, split: run["params"]["total"]),
     ("params_encoder", "Encoder parameters", lambda run, split: run["params"]["encoder"]),
+    ("params_encoder_nonzero", "Non-zero encoder parameters",
+     lambda run, split: run["params"]["encoder_nonzero"]),
     ("flops", "Encoder FLOPs per audio second", lambda run, split: run["flops"]),
     ("rtf", "Real-time factor (measured)", lambda run, split: _rtf(run, split)),
 )
@@ -112,6 +116,8 @@ def load_run(run_dir) -> dict:
         "polarised_fraction": _polarised(_object(results.get("gates"), f"{where}: gates"),
                                          f"{where}: gates"),
         "history": _read_history(run_dir / "history.jsonl"),
+        "size_target": _number(_object(results.get("size_target"), f"{where}: size_target")
+                               .get("encoder"), f"{where}: size_target.encoder"),
     }
     run["notes"] = _notes(results, run)
     return run
@@ -230,7 +236,19 @@ def _notes(results: dict, run: dict) -> list[str]:
         notes.append("no history.jsonl: no training curves")
     elif run["model_kind"] == "gated" and not any(epoch["gates"] for epoch in run["history"]):
         notes.append("gated run without gates in history.jsonl: no gate heatmap")
+    gap = _size_gap(run)
+    if gap is not None:
+        within = "within" if abs(gap) <= SIZE_TOLERANCE else "NOT within"
+        notes.append(f"encoder {100 * gap:+.1f}% against its size target "
+                     f"({run['size_target']:,.0f}): {within} {100 * SIZE_TOLERANCE:.0f}%")
     return notes
+
+
+def _size_gap(run: dict):
+    """Relative gap of the encoder to the size the run was matched to, or None."""
+    if run["size_target"] is None or run["params"]["encoder"] is None:
+        return None
+    return run["params"]["encoder"] / run["size_target"] - 1.0
 
 
 def _has_wer(run: dict) -> bool:
@@ -358,7 +376,9 @@ def _slug(text: str) -> str:
 def _columns(splits: list[str]) -> dict:
     """Column name -> how to show a value of the runs table (CSV keeps the raw value)."""
     columns = {"name": str, "method": str, "model_kind": str, "seed": str,
-               "params_total": _fmt_int, "params_encoder": _fmt_int, "params_decoder": _fmt_int}
+               "params_total": _fmt_int, "params_encoder": _fmt_int, "params_decoder": _fmt_int,
+               "params_nonzero": _fmt_int, "params_encoder_nonzero": _fmt_int,
+               "size_vs_target": "{:+.1%}".format}
     for split in splits:
         columns[f"wer_{split}"] = "{:.2f}".format
         columns[f"cer_{split}"] = "{:.2f}".format
@@ -377,7 +397,10 @@ def _row(run: dict, splits: list[str]) -> dict:
     row = {"name": run["label"], "method": run["method"], "model_kind": run["model_kind"],
            "seed": run["seed"], "params_total": run["params"]["total"],
            "params_encoder": run["params"]["encoder"],
-           "params_decoder": run["params"]["decoder"]}
+           "params_decoder": run["params"]["decoder"],
+           "params_nonzero": run["params"]["nonzero"],
+           "params_encoder_nonzero": run["params"]["encoder_nonzero"],
+           "size_vs_target": _size_gap(run)}
     for split in splits:
         values = run["splits"].get(split, {})
         row[f"wer_{split}"] = values.get("wer")

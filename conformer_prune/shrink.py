@@ -12,6 +12,7 @@ saved widths, then the weights load strictly. Design and formulas: docs/PRUNING.
 
 import inspect
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -27,16 +28,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from conformer_prune.gated_conformer import (
-    MODULE_PATHS,
     attention_mask_4d,
-    is_self_attention,
-    encoder_layers,
-    gated_modules,
+    gate_keep,
     insert_gates,
+    is_self_attention,
     relpos_attention,
     set_threshold,
 )
 from conformer_prune.model import build_asr_modules, count_params, param_state
+from conformer_prune.sites import MODULE_PATHS, check_keep, encoder_layers, module_keep
 
 # -------------------------------------------------------------------------- compact modules
 
@@ -164,6 +164,19 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         self.dropout_att = nn.Dropout(dropout)
         self.linear_pos = _quiet(lambda: nn.Linear(embed_dim, queries, bias=False))
         self.out_proj = _quiet(lambda: nn.Linear(values, embed_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """SpeechBrain's initialisation of the dense module, at the compact shapes: what a
+        compact model trained from scratch starts from (the shrink overwrites every value).
+        Left at zero, queries and keys would get no gradient and never learn."""
+        # xavier_uniform_ of the dense (3 * embed_dim, embed_dim) in_proj_weight
+        bound = math.sqrt(6.0 / (4 * self.embed_dim))
+        nn.init.uniform_(self.in_proj_weight, -bound, bound)
+        # xavier_uniform_ of the dense (head_dim, heads) positional biases
+        bound = math.sqrt(6.0 / (self.embed_dim // self.num_heads + self.num_heads))
+        nn.init.uniform_(self.pos_bias_u, -bound, bound)
+        nn.init.uniform_(self.pos_bias_v, -bound, bound)
 
     def forward(
         self,
@@ -320,9 +333,10 @@ def _fill(compact, tensors):
         params[name].copy_(tensor)
 
 
-def shrink_ffn(ffn):
-    """Removes closed hidden units: rows of the first Linear, columns of the second."""
-    keep = ffn.kept().nonzero().squeeze(1)
+def shrink_ffn(ffn, kept):
+    """Removes closed hidden units (`kept` False): rows of the first Linear, columns of the
+    second."""
+    keep = kept.nonzero().squeeze(1)
     compact = compact_ffn(ffn, len(keep))
     linear1, _, _, linear2 = ffn.ffn
     _fill(
@@ -337,10 +351,11 @@ def shrink_ffn(ffn):
     return compact, len(keep)
 
 
-def shrink_attention(mha):
+def shrink_attention(mha, kept):
     """Removes closed query dims (Wq, Wk, pos_bias_u/v, linear_pos rows) and closed value dims
-    (Wv rows, out_proj columns); heads become ragged."""
-    q_keep, v_keep = mha.kept()
+    (Wv rows, out_proj columns); heads become ragged. `kept` = (query, value) masks of shape
+    (heads, head_dim), after sites.effective_keep."""
+    q_keep, v_keep = kept
     widths = {"query": q_keep.sum(1).tolist(), "value": v_keep.sum(1).tolist()}
     compact = compact_attention(mha, widths)
     head_dim = mha.head_dim
@@ -368,11 +383,14 @@ def shrink_attention(mha):
     return compact, widths
 
 
-def shrink_conv(conv):
+def shrink_conv(conv, kept):
     """Removes closed depthwise channels: both GLU rows of the first pointwise conv, the depthwise
     filter, the LayerNorm entries and the last Linear's column; their depthwise biases stay as
-    the phantom constants of the LayerNorm."""
-    kept = conv.kept()
+    the phantom constants of the LayerNorm.
+
+    Exact for the gated module (its mask zeroes a closed channel before the depthwise
+    convolution and again before the last Linear); for a module without gates it computes what
+    that masking would (a magnitude method's masked model)."""
     keep, closed = kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)
     compact = compact_conv(conv, len(keep))
     linear = conv.after_conv[2]
@@ -417,20 +435,36 @@ def _replace(layer, name, module, like):
     setattr(parent, attribute, module)
 
 
-def shrink_modules(modules):
-    """Replaces every gated module by its compact version, in place; returns the widths.
+def shrink_modules(modules, keep=None):
+    """Replaces every pruned module by its compact version, in place; returns the widths.
 
+    keep: {(layer, site): bool mask} from any method (sites.py); None takes the gates'
+    decision (gated_conformer.gate_keep). Modules with no site in `keep` stay as they are.
     widths = {"layers": [{"ffn1": int, "ffn2": int, "attention": {"query": [per head],
-    "value": [per head]}, "conv": int}, ...]}, one dict per encoder layer with its gated sites.
+    "value": [per head]}, "conv": int}, ...]}, one dict per encoder layer with its pruned sites.
     """
+    keep = gate_keep(modules) if keep is None else keep
+    check_keep(modules, keep)
     layers = []
-    for layer in encoder_layers(modules):
+    for i, layer in enumerate(encoder_layers(modules)):
         widths = {}
-        for name, module in gated_modules(layer):
-            compact, widths[name] = SHRINKERS[name](module)
+        for name, path in MODULE_PATHS.items():
+            masks = module_keep(keep, i, name, layer)
+            if masks is None:
+                continue
+            module = layer.get_submodule(path)
+            compact, widths[name] = SHRINKERS[name](module, _on(masks, module))
             _replace(layer, name, compact, like=module)
         layers.append(widths)
     return {"layers": layers}
+
+
+def _on(masks, module):
+    """Masks on the module's device."""
+    device = next(module.parameters()).device
+    if isinstance(masks, tuple):
+        return tuple(mask.to(device) for mask in masks)
+    return masks.to(device)
 
 
 def apply_widths(modules, widths):

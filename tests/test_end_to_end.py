@@ -85,7 +85,10 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     shrunk = json.loads((compact / "results.json").read_text())
     assert shrunk["model_kind"] == "shrunk"
     assert shrunk["params"]["total"] < gated["params"]["total"]
-    assert shrunk["params"] == {**gated["gates"]["params_if_shrunk"], "gate_logits": 0}
+    parts = ("total", "encoder", "decoder", "ctc")
+    assert {part: shrunk["params"][part] for part in parts} == gated["gates"]["params_if_shrunk"]
+    assert shrunk["params"]["gate_logits"] == 0
+    assert 0 < shrunk["params"]["encoder_nonzero"] <= shrunk["params"]["encoder"]
     for split in ("test-clean", "test-other"):
         for metric in ("wer", "cer", "ctc_greedy_wer"):
             assert shrunk["splits"][split][metric] == gated["splits"][split][metric], (split, metric)

@@ -10,7 +10,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 
-from conformer_prune.asr_brain import ASRBrain, load_tokenizer, train_tokenizer
+from conformer_prune.asr_brain import ASRBrain, attach_method, load_tokenizer, train_tokenizer
 from conformer_prune.gates import iter_gates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_yaml(name, tmp_path, **overrides):
     overrides = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "run"), **overrides}
     with open(ROOT / "hparams" / name, encoding="utf-8") as fin:
-        return load_hyperpyyaml(fin, overrides)
+        hparams = load_hyperpyyaml(fin, overrides)
+    attach_method(hparams)  # as train.py does before building the Brain
+    return hparams
 
 
 def fake_batch(vocab_size, bos_index, eos_index, seconds=(1.6, 1.0)):
@@ -83,10 +85,11 @@ def test_gate_logits_get_their_own_optimizer(tmp_path):
     brain, _ = one_training_step(hparams)
     gate_ids = {id(g.logits) for _, g in iter_gates(brain.modules.asr)}
     model_ids = {id(p) for group in brain.optimizer.param_groups for p in group["params"]}
-    gate_opt_ids = {id(p) for group in brain.gate_optimizer.param_groups for p in group["params"]}
+    gate_optimizer = brain.optimizers_dict["gate_optimizer"]
+    gate_opt_ids = {id(p) for group in gate_optimizer.param_groups for p in group["params"]}
     assert gate_opt_ids == gate_ids
     assert not model_ids & gate_ids
-    assert brain.gate_optimizer.param_groups[0].get("weight_decay", 0) == 0
+    assert gate_optimizer.param_groups[0].get("weight_decay", 0) == 0
 
 
 def test_regulariser_clock_advances_with_optimizer_steps(tmp_path):

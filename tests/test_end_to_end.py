@@ -30,18 +30,22 @@ def corpus(tmp_path_factory):
     return out
 
 
-def train_tiny_gated(corpus, run_dir, epochs):
-    """`python train.py hparams/mini/conformer_adrop.yaml` with a tiny model, as a user runs it."""
+def train_tiny(yaml, corpus, run_dir, epochs, *overrides):
+    """`python train.py <yaml>` with a tiny model, as a user runs it."""
     command = [
-        sys.executable, "train.py", "hparams/mini/conformer_adrop.yaml",
+        sys.executable, "train.py", yaml,
         f"--data_folder={corpus}", f"--output_folder={run_dir}",
         f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={TINY_ARCH}",
-        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5",
-        # Gates start at the threshold so that one short epoch already closes some of them.
-        "--gate_threshold=0.9", "--gate_init_retention=0.9",
+        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *overrides,
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def train_tiny_gated(corpus, run_dir, epochs):
+    # Gates start at the threshold so that one short epoch already closes some of them.
+    train_tiny("hparams/mini/conformer_adrop.yaml", corpus, run_dir, epochs,
+               "--gate_threshold=0.9", "--gate_init_retention=0.9")
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +108,34 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):
     train_tiny_gated(corpus, gated_run, epochs=3)
     history = [json.loads(line) for line in (gated_run / "history.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
+
+
+def test_structured_baselines_train_at_the_gated_model_size(gated_run, corpus, tmp_path):
+    """Dense run, then the magnitude and from-scratch baselines matched to the shrunk gated
+    model, each through `python train.py <yaml>`; results.json says what each was matched to."""
+    compact = gated_run / "compact"
+    if not (compact / "arch.json").exists():
+        assert cli_main(["shrink", str(gated_run), "--out", str(compact)]) == 0
+    dense = tmp_path / "dense"
+    train_tiny("hparams/mini/conformer_dense.yaml", corpus, dense, 1)
+    runs = {}
+    for name in ("magnitude_widths", "magnitude_global", "scratch_uniform"):
+        runs[name] = tmp_path / name
+        sources = [f"--adrop_compact={compact}"]
+        if name.startswith("magnitude"):
+            sources.append(f"--dense_run={dense}")
+        train_tiny(f"hparams/mini/conformer_{name}.yaml", corpus, runs[name], 1, *sources)
+    target = json.loads((compact / "shrink_report.json").read_text())["params"]["after"]
+    for name, run_dir in runs.items():
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["method"] == name and results["model_kind"] == "compact"
+        assert results["size_target"]["encoder"] == target["encoder"]
+        assert abs(results["params"]["encoder"] / target["encoder"] - 1) <= 0.02, name
+        assert results["params"]["decoder"] == target["decoder"]
+    widths = json.loads((runs["magnitude_widths"] / "results.json").read_text())["widths"]
+    assert widths == json.loads((compact / "arch.json").read_text())["widths"]
+    dashboard = tmp_path / "dashboard"
+    assert cli_main(["report", str(dense), *map(str, runs.values()), str(gated_run),
+                     "--out", str(dashboard)]) == 0
+    table = (dashboard / "runs.md").read_text()
+    assert "magnitude_global" in table and "within 2%" in table

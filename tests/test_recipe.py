@@ -122,3 +122,20 @@ def test_tokenizer_with_more_pieces_than_outputs_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"12_char.model: the tokenizer has \d+ pieces but the "
                                          r"model has output_neurons: 12"):
         load_tokenizer(hparams)
+
+
+BASELINES = ("magnitude_widths", "magnitude_global", "scratch_widths", "scratch_uniform")
+
+
+@pytest.mark.parametrize("scale", ["", "mini/"])
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_every_baseline_has_a_yaml_at_both_scales_naming_its_method(scale, baseline, tmp_path):
+    from conformer_prune.methods import PruningMethod
+
+    overrides = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "run")}
+    with open(ROOT / "hparams" / f"{scale}conformer_{baseline}.yaml", encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    method = hparams["method"]
+    assert isinstance(method, PruningMethod) and method.name == baseline
+    assert method.model_kind == "compact"
+    assert hparams["experiment_name"] == f"conformer_{baseline}{'_mini' if scale else ''}"

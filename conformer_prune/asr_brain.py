@@ -266,6 +266,12 @@ def attach_method(hparams):
     method = hparams["method"]
     method.attach(hparams["modules"])
     hparams["checkpointer"].add_recoverable("method", method)
+    widths = getattr(method, "widths", None)
+    if widths is not None and if_main_process():
+        # A model trained at compact widths: `conformer-prune shrink` rebuilds it from this.
+        arch_file = Path(hparams["output_folder"]) / "arch.json"
+        arch_file.write_text(json.dumps({"arch": hparams["arch"], "widths": widths}, indent=1),
+                             encoding="utf-8")
     return method
 
 

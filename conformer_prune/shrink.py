@@ -665,8 +665,12 @@ def load_gated_run(path):
     build_asr_modules(**arch) plus the gate sites found in the checkpoint, whose weights then load
     strictly. The checkpoint is the run's latest (the end of the pruning schedule).
 
-    Returns a dict: modules (eval mode), arch, hparams (plain values), checkpoint, run_dir,
-    tokenizer (path or None), normalizer (path or None).
+    A run whose method trained the model at compact widths (the structured baselines) has an
+    arch.json beside its hyperparams.yaml; it is rebuilt at those widths instead.
+
+    Returns a dict: modules (eval mode), arch, base_widths (None unless trained compact),
+    hparams (plain values), checkpoint, run_dir, tokenizer (path or None), normalizer (path or
+    None).
     """
     path = Path(path)
     if (path / "hyperparams.yaml").exists():
@@ -682,16 +686,28 @@ def load_gated_run(path):
     hparams = yaml.load(run_dir / "hyperparams.yaml")
     arch = hparams["arch"]
     state = torch.load(checkpoint / WEIGHTS_FILE, map_location="cpu")
-    sites = [site for site, mark in _SITE_KEYS.items() if any(k.endswith(mark) for k in state)]
-    modules = build_asr_modules(**arch)
-    if sites:
-        insert_gates(modules, sites=sites, threshold=hparams.get("gate_threshold", 0.5))
+    base_widths = None
+    if (run_dir / ARCH_FILE).exists():
+        # A run trained at compact widths (a structured baseline): nothing is gated, and the
+        # model is rebuilt at the widths its method wrote.
+        saved = json.loads((run_dir / ARCH_FILE).read_text(encoding="utf-8"))
+        arch, base_widths = saved["arch"], saved["widths"]
+        modules = build_compact(arch, base_widths)
+    else:
+        sites = [site for site, mark in _SITE_KEYS.items() if any(k.endswith(mark) for k in state)]
+        modules = build_asr_modules(**arch)
+        if sites:
+            insert_gates(modules, sites=sites, threshold=hparams.get("gate_threshold", 0.5))
     modules.load_state_dict(state, strict=True)
-    tokenizers = sorted((run_dir / "save" / "tokenizer").glob("*.model"))
+    # The run's own tokenizer, or the one its YAML points to (a fine-tuned baseline uses its
+    # dense run's; the path is relative to where training ran).
+    folders = [run_dir / "save" / "tokenizer", Path(hparams.get("tokenizer_folder") or "")]
+    tokenizers = [model for folder in folders for model in sorted(folder.glob("*.model"))]
     normalizer = checkpoint / "normalizer.ckpt"
     return {
         "modules": modules.eval(),
         "arch": arch,
+        "base_widths": base_widths,
         "hparams": hparams,
         "checkpoint": checkpoint,
         "run_dir": run_dir,
@@ -727,6 +743,8 @@ def shrink_run(path, out_dir, threshold=None):
         set_threshold(modules, threshold)
     before = _parts(count_params(param_state(modules)))
     widths = shrink_modules(modules)
+    if run["base_widths"] is not None:  # trained compact: the shrink had nothing to remove
+        widths = run["base_widths"]
     if run["tokenizer"] and run["normalizer"]:
         export_inference_folder(
             out_dir,

@@ -134,6 +134,16 @@ def test_structured_baselines_train_at_the_gated_model_size(gated_run, corpus, t
         assert results["params"]["decoder"] == target["decoder"]
     widths = json.loads((runs["magnitude_widths"] / "results.json").read_text())["widths"]
     assert widths == json.loads((compact / "arch.json").read_text())["widths"]
+
+    # A baseline run exports like a gated one, and its inference folder decodes alike.
+    run = runs["scratch_uniform"]
+    assert cli_main(["shrink", str(run), "--out", str(run / "compact")]) == 0
+    assert cli_main(["decode", str(run / "compact"), "--data-folder", str(corpus)]) == 0
+    trained = json.loads((run / "results.json").read_text())
+    exported = json.loads((run / "compact" / "results.json").read_text())
+    assert exported["params"]["encoder"] == trained["params"]["encoder"]
+    for split in ("test-clean", "test-other"):
+        assert exported["splits"][split]["wer"] == trained["splits"][split]["wer"], split
     dashboard = tmp_path / "dashboard"
     assert cli_main(["report", str(dense), *map(str, runs.values()), str(gated_run),
                      "--out", str(dashboard)]) == 0

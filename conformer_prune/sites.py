@@ -168,11 +168,12 @@ def module_keep(keep, i, name, layer):
     sites = MODULE_SITES[name]
     if not any((i, site) in keep for site in sites):
         return None
+    device = next(keep[(i, site)] for site in sites if (i, site) in keep).device
     masks = []
     for site in sites:
         mask = keep.get((i, site))
         if mask is None:
-            mask = torch.ones(site_shape(layer, site), dtype=torch.bool)
+            mask = torch.ones(site_shape(layer, site), dtype=torch.bool, device=device)
         masks.append(mask)
     if name == "attention":
         return effective_keep(*masks)

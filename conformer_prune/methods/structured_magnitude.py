@@ -109,8 +109,8 @@ def keep_global(model, target_encoder_params):
     units = []  # (score, layer, site, flat index, cost)
     for i, layer in enumerate(encoder_layers(model)):
         for site in SITES:
-            cost = unit_cost(layer, site)
-            scores = unit_norms(layer, site).flatten() / math.sqrt(cost)
+            cost, weights = unit_cost(layer, site), unit_weights(layer, site)
+            scores = weights.norm(dim=1) / math.sqrt(weights.shape[1])  # RMS per unit
             units += [(float(s), i, site, j, cost) for j, s in enumerate(scores)]
     units.sort(key=lambda unit: unit[0])
     keep = full_keep(model)

@@ -8,6 +8,7 @@ the training recipe's test stage, so that the gated and the shrunk model are sco
 
 import json
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, 
                   inference["eos_index"])
 
     modules = {"asr": inference["asr"], "normalize": inference["normalize"]}
-    brain = ASRBrain(modules=modules, hparams=hparams, run_opts={"device": "cpu"})
+    # No tqdm bar when stderr is a log file: its redraws would make one endless line.
+    run_opts = {"device": "cpu", "noprogressbar": not sys.stderr.isatty()}
+    brain = ASRBrain(modules=modules, hparams=hparams, run_opts=run_opts)
     brain.tokenizer = tokenizer
     splits_result, decode = evaluate_splits(brain, test_datasets, hparams)
     results = {

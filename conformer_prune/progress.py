@@ -3,7 +3,8 @@
 A tqdm bar redraws one line with carriage returns: right for a person at a terminal, but a log
 file (`results/*.log`, CI output) gets every redraw on one ever-growing line. When the stream
 is not a terminal, `progress()` prints a plain line instead every `every_seconds` or every
-`every_percent`, whichever comes first, plus one at the end. tqdm has no such mode, hence this
+`every_percent` (if at least `min_seconds` have passed), whichever comes first, plus one at the
+end. tqdm has no such mode, hence this
 small class.
 """
 
@@ -34,9 +35,11 @@ def _is_terminal(stream):
 class LineProgress:
     """Prints `desc: done/total unit (pct%), rate unit/s, eta` as whole lines, now and then."""
 
-    def __init__(self, total, desc, unit, stream, every_seconds, every_percent, clock=None):
+    def __init__(self, total, desc, unit, stream, every_seconds, every_percent, clock=None,
+                 min_seconds=2.0):
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
         self.every_seconds, self.every_percent = every_seconds, every_percent
+        self.min_seconds = min_seconds
         self.clock = clock or time.monotonic
         self.started = self.last_time = self.clock()
         self.done = 0
@@ -48,8 +51,10 @@ class LineProgress:
         self.done += n
         now = self.clock()
         percent = 100.0 * self.done / self.total if self.total else 0.0
-        if (now - self.last_time >= self.every_seconds
-                or percent - self.last_percent >= self.every_percent):
+        since = now - self.last_time
+        # By percent only if some time has passed too: a fast loop gets just its closing line.
+        if since >= self.every_seconds or (percent - self.last_percent >= self.every_percent
+                                           and since >= self.min_seconds):
             self._write(now)
             self.last_time, self.last_percent = now, percent
 

@@ -116,6 +116,13 @@ def test_line_progress_writes_whole_lines_by_percent_and_time():
     for step in range(200):
         clock.now += 0.1
         bar.update()
+    # a fast loop: 200 updates in 0.2 s print nothing until the closing line
+    fast = LineProgress(200, "prepare", "file", io.StringIO(), every_seconds=30,
+                        every_percent=10, clock=FakeClock())
+    for _ in range(200):
+        fast.update()
+    fast.close()
+    assert len(fast.stream.getvalue().splitlines()) == 1
     bar.close()
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue()

@@ -4,8 +4,8 @@
 
 Compares results.json and every line of history.jsonl of two run folders exactly, leaving out
 what differs by nature (times, real-time factors, commit, paths, the hyperparameter hash that
-covers the output folder). Prints each difference and the count of equal values; exits 1 if any
-value differs. Used to show that moving adaptive dropout onto the method seam changed nothing.
+covers the output folder). Prints each difference, the fields only one of them writes (a newer
+version's additions), and the count of equal values; exits 1 if a value both have differs. Used to show that moving adaptive dropout onto the method seam changed nothing.
 """
 
 import argparse
@@ -50,12 +50,15 @@ def main(argv=None):
     parser.add_argument("run_b")
     args = parser.parse_args(argv)
     a, b = run_values(args.run_a), run_values(args.run_b)
-    differ = sorted(key for key in a.keys() | b.keys() if a.get(key, "<missing>") != b.get(key, "<missing>"))
+    common = a.keys() & b.keys()
+    differ = sorted(key for key in common if a[key] != b[key])
     for key in differ:
-        print(f"DIFFERS {key}: {a.get(key, '<missing>')!r} vs {b.get(key, '<missing>')!r}")
-    print(f"{len(a.keys() & b.keys()) - len(differ)} values equal, {len(differ)} differ")
+        print(f"DIFFERS {key}: {a[key]!r} vs {b[key]!r}")
+    for key in sorted(a.keys() ^ b.keys()):  # fields one version writes and the other not
+        print(f"ONLY IN {'A' if key in a else 'B'} {key}: {a.get(key, b.get(key))!r}")
+    print(f"{len(common) - len(differ)} values equal, {len(differ)} differ, "
+          f"{len(a.keys() ^ b.keys())} in one run only")
     return 1 if differ else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

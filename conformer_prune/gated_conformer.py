@@ -2,28 +2,22 @@
 
 `insert_gates` turns the FFN, attention and convolution modules of every encoder layer into
 gated subclasses of SpeechBrain's own classes (same parameters, same state_dict keys, plus the
-gate logits), so the encoder itself is not forked. Each gated module knows:
-
-- which of its units survive the shrink (`kept`), the single source of truth shared with
-  shrink.py and with the exact parameter count `params_if_shrunk`;
-- what one unit costs in parameters (written to its gates' `unit_cost`).
+gate logits), so the encoder itself is not forked. `gate_keep` hands the gates' decision over
+as keep masks, the form every pruning method uses, which shrink.py removes and
+`params_if_shrunk` counts; what a unit costs comes from the site registry (sites.py) and is
+written to each gate's `unit_cost` for the cost-weighted regulariser.
 
 The formulas and the LayerNorm handling of the convolution module are in docs/PRUNING.md.
 """
 
 import torch
-from speechbrain.lobes.models.transformer.Conformer import (
-    ConformerEncoderLayer,
-    ConvolutionModule,
-)
-from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
+from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
 from speechbrain.nnet.attention import PositionalwiseFeedForward, RelPosMHAXL
 from torch.nn import functional as F
 
 from conformer_prune.gates import AdaptiveDropout
-from conformer_prune.model import GATE_KEY_MARK, count_params, param_state
+from conformer_prune.model import count_params, param_state
 from conformer_prune.sites import (
-    effective_keep,
     encoder_layers,
     module_unit_cost,
     params_after_keep,
@@ -166,15 +160,6 @@ class GatedRelPosMHAXL(RelPosMHAXL):
         # The fused weight is laid out head by head: [q_h; k_h; v_h] for h = 0, 1, ...
         qkv = F.linear(query, self.in_proj_weight)
         return qkv.view(query.shape[0], -1, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
-
-    def kept(self):
-        """Boolean (heads, head_dim) masks of the query and value dimensions that survive
-        (sites.effective_keep: a head without value dimensions loses its queries too)."""
-        shape = (self.num_heads, self.head_dim)
-        full = torch.ones(shape, dtype=torch.bool, device=self.in_proj_weight.device)
-        q_keep = full if self.query_gate is None else self.query_gate.keep_mask().view(shape)
-        v_keep = full if self.value_gate is None else self.value_gate.keep_mask().view(shape)
-        return effective_keep(q_keep, v_keep)
 
 
 def is_self_attention(query, key, value):

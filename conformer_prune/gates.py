@@ -242,6 +242,14 @@ class RetentionRegulariser:
     ):
         if normalise not in ("mean", "sum"):
             raise ValueError(f"RetentionRegulariser: normalise {normalise!r} not in mean, sum")
+        if keep_target is not None and schedule.shape not in ("step", "constant") \
+                and schedule.delay + schedule.span > 1.0:
+            # The fall would not end before training does, so the commit phase would never run.
+            raise ValueError(
+                f"RetentionRegulariser: keep_target is set but the target falls until "
+                f"delay + span = {schedule.delay} + {schedule.span} > 1 (the end of training), "
+                "so the commit phase would never start; lower gate_target_delay or "
+                "gate_target_span, or set gate_keep_target: null")
         self.alpha = alpha
         self.schedule = schedule
         self.cost_weighted = cost_weighted

@@ -213,6 +213,14 @@ def test_retention_distribution_counts_bins_and_polarised_share():
         retention_distribution(torch.nn.Linear(2, 2))
 
 
+def test_commit_phase_that_could_never_start_is_refused_at_start_up():
+    late = TargetSchedule("linear", 3.0, -3.0, span=0.7, delay=0.4)
+    with pytest.raises(ValueError, match=r"delay \+ span = 0.4 \+ 0.7 > 1.*gate_target_delay"):
+        RetentionRegulariser(1.0, late, keep_target=4.0)
+    RetentionRegulariser(1.0, late)  # without a commit phase the late fall is allowed
+    RetentionRegulariser(1.0, TargetSchedule("linear", span=0.6, delay=0.4), keep_target=4.0)
+
+
 def test_regulariser_needs_gates():
     with pytest.raises(ValueError):
         RetentionRegulariser(1.0, TargetSchedule())(torch.nn.Linear(2, 2), 0.0)

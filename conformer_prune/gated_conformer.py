@@ -20,7 +20,7 @@ from conformer_prune.model import count_params, param_state
 from conformer_prune.sites import (
     encoder_layers,
     module_unit_cost,
-    params_after_keep,
+    params_removed_by,
 )
 
 # The gate sites a YAML names: "ffn" gates both macaron FFNs (sites ffn1 and ffn2).
@@ -348,7 +348,7 @@ def params_if_shrunk(modules):
     Only encoder layers are gated, so only the encoder count changes.
     """
     counts = count_params(param_state(modules))
-    removed = params_after_keep(modules, gate_keep(modules))
+    removed = params_removed_by(modules, gate_keep(modules))
     counts["encoder"] -= removed
     counts["total"] -= removed
     return {part: counts[part] for part in ("total", "encoder", "decoder", "ctc")}

@@ -14,7 +14,7 @@ Gates, shrink, parameter counts, the pruning methods and the dashboard all read 
 a site is named and costed in one place. A method hands over its decision as keep masks,
 `{(layer, site): bool tensor}` (attention masks shaped (heads, head_dim)); `effective_keep`
 applies the structural rules that follow from the others (a head without value dimensions has
-no use for its query dimensions) and `params_after_keep` counts what the shrink will leave.
+no use for its query dimensions) and `params_removed_by` counts what the shrink will leave.
 Everything here reads plain SpeechBrain modules (the gated subclasses too) and imports no
 training code.
 """
@@ -23,15 +23,9 @@ import torch
 from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
 from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
 
+from conformer_prune.model import GATE_KEY_MARK
+
 SITES = ("ffn1", "ffn2", "query", "value", "conv")
-# Where each site's module sits in a ConformerEncoderLayer.
-SITE_MODULE = {
-    "ffn1": "ffn_module1.1",
-    "ffn2": "ffn_module2.1",
-    "query": "mha_layer",
-    "value": "mha_layer",
-    "conv": "convolution_module",
-}
 # The modules the shrink replaces, under the names that shrink widths use, and their sites.
 MODULE_PATHS = {
     "ffn1": "ffn_module1.1",
@@ -41,7 +35,8 @@ MODULE_PATHS = {
 }
 MODULE_SITES = {"ffn1": ("ffn1",), "ffn2": ("ffn2",), "attention": ("query", "value"),
                 "conv": ("conv",)}
-
+# Where each site's module sits in a ConformerEncoderLayer.
+SITE_MODULE = {site: MODULE_PATHS[name] for name, sites in MODULE_SITES.items() for site in sites}
 
 # ------------------------------------------------------------------------------ the model
 
@@ -180,7 +175,7 @@ def module_keep(keep, i, name, layer):
     return masks[0]
 
 
-def params_after_keep(model, keep):
+def params_removed_by(model, keep):
     """Encoder parameters the shrink removes for these keep masks (an int)."""
     removed = 0
     for i, layer in enumerate(encoder_layers(model)):
@@ -201,7 +196,7 @@ def _removed_params(layer, name, masks):
     if name == "conv" and not masks.any():
         # Nothing left: the compact module keeps only the bias of its last Linear.
         module = site_module(layer, "conv")
-        own = sum(p.numel() for n, p in module.named_parameters() if "gate" not in n)
+        own = sum(p.numel() for n, p in module.named_parameters() if GATE_KEY_MARK not in n)
         return own - module.after_conv[2].out_features
     return closed * unit_cost(layer, site)
 

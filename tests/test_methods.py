@@ -23,7 +23,7 @@ from conformer_prune.shrink import apply_widths, save_compact, shrink_modules
 from conformer_prune.sites import (
     SITES,
     encoder_layers,
-    params_after_keep,
+    params_removed_by,
     site_shape,
     unit_cost,
     widths_of,
@@ -65,18 +65,18 @@ def test_unit_cost_is_what_the_shrink_removes(site):
     compact = copy.deepcopy(dense)
     shrink_modules(compact, {(0, site): mask})
     assert encoder_count(dense) - encoder_count(compact) == unit_cost(layer, site)
-    assert params_after_keep(dense, {(0, site): mask}) == unit_cost(layer, site)
+    assert params_removed_by(dense, {(0, site): mask}) == unit_cost(layer, site)
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_params_after_keep_counts_emptied_heads_and_modules(seed):
+def test_params_removed_by_counts_emptied_heads_and_modules(seed):
     dense = build_asr_modules(**ARCH)
     keep = random_keep(dense, seed, keep_probability=0.3)
     keep[(0, "conv")][:] = False
     keep[(1, "value")][0] = False  # head 0 of layer 1 loses its values, so its queries go too
     compact = copy.deepcopy(dense)
     shrink_modules(compact, keep)
-    assert params_after_keep(dense, keep) == encoder_count(dense) - encoder_count(compact)
+    assert params_removed_by(dense, keep) == encoder_count(dense) - encoder_count(compact)
 
 
 def test_keep_masks_that_do_not_fit_are_refused():
@@ -254,7 +254,7 @@ def test_a_method_defined_in_a_test_trains_and_shrinks_through_the_seam(tmp_path
     assert method.steps == 1
     asr = hparams["modules"]["asr"]
     keep = method.keep_masks(hparams["modules"])
-    before, expected_removed = encoder_count(asr), params_after_keep(asr, keep)
+    before, expected_removed = encoder_count(asr), params_removed_by(asr, keep)
     widths = shrink_modules(asr, keep)
     assert widths["layers"][0]["ffn1"] == 288
     assert before - encoder_count(asr) == expected_removed

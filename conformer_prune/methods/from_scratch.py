@@ -15,13 +15,12 @@ import torch
 
 from conformer_prune.methods.base import PruningMethod
 from conformer_prune.methods.structured_magnitude import (
-    encoder_params_of,
     read_arch_file,
     size_target,
 )
 from conformer_prune.model import count_params, param_state
 from conformer_prune.shrink import apply_widths
-from conformer_prune.sites import SITES, encoder_layers, params_after_keep, site_shape, widths_of
+from conformer_prune.sites import SITES, encoder_layers, params_removed_by, site_shape, widths_of
 
 
 def uniform_keep(model, fraction):
@@ -44,7 +43,7 @@ def uniform_fraction_for(model, target_encoder_params, steps=40):
     low, high = 0.0, 1.0
     for _ in range(steps):
         middle = (low + high) / 2
-        left = encoder - params_after_keep(model, uniform_keep(model, middle))
+        left = encoder - params_removed_by(model, uniform_keep(model, middle))
         low, high = (middle, high) if left <= target_encoder_params else (low, middle)
     return low
 
@@ -73,21 +72,21 @@ class CompactFromScratch(PruningMethod):
         self.name = name or ("scratch_widths" if widths_from else "scratch_uniform")
         self.widths = None
         self.fraction = None
+        self.size_target = None
 
     def attach(self, modules):
         asr = modules["asr"]
+        self.size_target = size_target(self.widths_from or self.uniform_params_from)
         if self.widths_from:
             self.widths = read_arch_file(self.widths_from)["widths"]
         else:
-            target = encoder_params_of(self.uniform_params_from)
-            self.fraction = uniform_fraction_for(asr, target)
+            self.fraction = uniform_fraction_for(asr, self.size_target["encoder"])
             self.widths = widths_of(uniform_keep(asr, self.fraction), asr)
         apply_widths(asr, self.widths)
         return modules
 
     def results_summary(self, modules):
-        summary = {"widths": self.widths,
-                   "size_target": size_target(self.widths_from or self.uniform_params_from)}
+        summary = {"widths": self.widths, "size_target": self.size_target}
         if self.fraction is not None:
             summary["uniform_fraction"] = self.fraction
         return summary

@@ -27,7 +27,7 @@ from conformer_prune.sites import (
     SITES,
     encoder_layers,
     full_keep,
-    params_after_keep,
+    params_removed_by,
     site_shape,
     unit_cost,
     unit_weights,
@@ -122,7 +122,7 @@ def keep_global(model, target_encoder_params):
         keep[(i, site)].view(-1)[j] = False
         removed += cost
         if removed >= to_remove:
-            removed = params_after_keep(model, keep)
+            removed = params_removed_by(model, keep)
             if removed >= to_remove:
                 break
     return keep
@@ -155,6 +155,7 @@ class StructuredMagnitude(PruningMethod):
         self.name = name or ("magnitude_widths" if widths_from else "magnitude_global")
         self.widths = None
         self.source = None
+        self.size_target = None
 
     def attach(self, modules):
         checkpoint = last_checkpoint(self.dense_run)
@@ -164,18 +165,18 @@ class StructuredMagnitude(PruningMethod):
         normalizer = checkpoint / "normalizer.ckpt"
         if normalizer.exists():
             modules["normalize"]._load(normalizer)
+        self.size_target = size_target(self.widths_from or self.params_from)
         if self.widths_from:
             keep = keep_widths_of(asr, read_arch_file(self.widths_from)["widths"])
         else:
-            keep = keep_global(asr, encoder_params_of(self.params_from))
+            keep = keep_global(asr, self.size_target["encoder"])
         self.widths = shrink_modules(asr, keep)
         self.source = str(checkpoint)
         return modules
 
     def results_summary(self, modules):
-        reference = self.widths_from or self.params_from
         return {"pruned_from": self.source, "widths": self.widths,
-                "size_target": size_target(reference)}
+                "size_target": self.size_target}
 
     def settings(self):
         return {"dense_run": self.dense_run, "widths_from": self.widths_from,

@@ -39,6 +39,8 @@ def main(argv):
         # progress line now and then instead.
         argv = [*argv, "--noprogressbar"]
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain `python train.py`.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     torch.set_num_threads(hparams.get("num_threads") or torch.get_num_threads())
@@ -107,7 +109,7 @@ def write_run_results(hparams, brain, splits, decode):
         "decode": decode,
         "splits": splits,
         "epochs": brain.hparams.epoch_counter.current,
-        **method.results_summary(brain.modules),
+        **method.results_summary(brain.plain_modules),
     }
     write_results(Path(hparams["output_folder"]) / "results.json", results)
 

@@ -8,12 +8,14 @@ not import this module.
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import speechbrain as sb
 import torch
+from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
@@ -24,12 +26,19 @@ from conformer_prune.progress import LineProgress
 from conformer_prune.scoring import error_rates, write_alignments
 
 logger = logging.getLogger(__name__)
+_PARALLEL_WRAPPERS = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
 
 
+@sb.utils.checkpoints.register_checkpoint_hooks  # its own _save/_recover below
 class ASRBrain(sb.core.Brain):
     """Conformer CTC/attention training with the YAML's pruning method (`method`, see
     conformer_prune/methods/base.py for the hooks it calls), and decoding that records timing
     for results.json."""
+
+    # Set by init_progress_clock (train.py) and updated in training; defaults for decoding.
+    total_train_steps = 0
+    batches_per_epoch = 0
+    regulariser_sum, regulariser_batches = 0.0, 0
 
     @property
     def method(self):
@@ -38,6 +47,14 @@ class ASRBrain(sb.core.Brain):
         if method is None:
             method = self.hparams.method = Dense()
         return method
+
+    @property
+    def plain_modules(self):
+        """The Brain's modules without their DDP wrappers: what the method's hooks inspect and
+        change (gate logits, masks). The wrapped ones share the same parameters."""
+        return torch.nn.ModuleDict({name: getattr(module, "module", module)
+                                    if isinstance(module, _PARALLEL_WRAPPERS) else module
+                                    for name, module in self.modules.items()})
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -54,11 +71,11 @@ class ASRBrain(sb.core.Brain):
             feats, wav_lens = fea_augment(feats, wav_lens)
             tokens_bos = fea_augment.replicate_labels(tokens_bos)
 
-        asr = self.modules.asr
-        src = asr.CNN(feats)
-        enc_out, pred = asr.Transformer(src, tokens_bos, wav_lens, pad_idx=self.hparams.pad_index)
-        p_ctc = self.hparams.log_softmax(asr.ctc_lin(enc_out))
-        p_seq = self.hparams.log_softmax(asr.seq_lin(pred))
+        # One call through the model (and its DDP wrapper under torchrun): see ConformerASR.
+        enc_out, ctc_logits, seq_logits = self.modules.asr(
+            feats, tokens_bos, wav_lens, pad_idx=self.hparams.pad_index)
+        p_ctc = self.hparams.log_softmax(ctc_logits)
+        p_seq = self.hparams.log_softmax(seq_logits)
 
         hyps = None
         if stage == sb.Stage.TEST:
@@ -82,7 +99,7 @@ class ASRBrain(sb.core.Brain):
         loss = self.hparams.ctc_weight * loss_ctc + (1 - self.hparams.ctc_weight) * loss_seq
 
         if stage == sb.Stage.TRAIN:
-            penalty = self.method.penalty(self.modules, self.training_progress())
+            penalty = self.method.penalty(self.plain_modules, self.training_progress())
             if penalty is None:
                 return loss
             self.regulariser_sum += penalty.detach().item()
@@ -101,7 +118,7 @@ class ASRBrain(sb.core.Brain):
     def init_optimizers(self):
         """The model's optimizer over every parameter that the method's own optimizers
         (`method.optimizers`, e.g. the gate logits') do not take; each is checkpointed."""
-        extra = self.method.optimizers(self.modules)
+        extra = self.method.optimizers(self.plain_modules)
         if not extra:
             return super().init_optimizers()
         owned = {id(p) for opt in extra.values() for group in opt.param_groups
@@ -113,6 +130,44 @@ class ASRBrain(sb.core.Brain):
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
             for name, optimizer in extra.items():
                 self.checkpointer.add_recoverable(name, optimizer)
+
+    # ----- checkpointed state ---------------------------------------------------------------
+
+    @sb.utils.checkpoints.mark_as_saver
+    def _save(self, path):
+        """SpeechBrain's step counters and running loss, plus what a resume inside an epoch
+        needs to go on exactly: the schedule clock's length and the regulariser's running sum."""
+        state = {
+            "step": self.step,
+            "avg_train_loss": self.avg_train_loss,
+            "optimizer_step": self.optimizer_step,
+            "total_train_steps": self.total_train_steps,
+            "regulariser_sum": self.regulariser_sum,
+            "regulariser_batches": self.regulariser_batches,
+        }
+        Path(path).write_text(json.dumps(state), encoding="utf-8")
+
+    @sb.utils.checkpoints.mark_as_loader
+    def _recover(self, path, end_of_epoch):
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError:
+            # A checkpoint written by SpeechBrain's own Brain._save (YAML).
+            return super()._recover(path, end_of_epoch)
+        self.step, self.avg_train_loss = state["step"], state["avg_train_loss"]
+        self.optimizer_step = state["optimizer_step"]
+        self.regulariser_sum = state.get("regulariser_sum", 0.0)
+        self.regulariser_batches = state.get("regulariser_batches", 0)
+        saved_total = state.get("total_train_steps")
+        if saved_total and saved_total != self.total_train_steps:
+            # The schedules (gate target, budget) run on this clock: a resume with another
+            # number_of_epochs must not move them.
+            logger.warning(
+                "%s: the run was started with %d optimiser steps in all; this start computes "
+                "%d (another number_of_epochs or batch setting?). The schedules keep the "
+                "checkpoint's %d.", path, saved_total, self.total_train_steps, saved_total)
+            self.total_train_steps = saved_total
 
     # ----- helpers -----------------------------------------------------------------------
 
@@ -139,7 +194,9 @@ class ASRBrain(sb.core.Brain):
 
     def on_stage_start(self, stage, epoch=None):
         self.ids, self.references, self.greedy_hyps, self.beam_hyps = [], [], [], []
-        self.regulariser_sum, self.regulariser_batches = 0.0, 0
+        if stage != sb.Stage.TRAIN or self.step == 0:
+            # (self.step > 0 here: resumed inside an epoch, the sums came from the checkpoint)
+            self.regulariser_sum, self.regulariser_batches = 0.0, 0
         self.stage_started = time.perf_counter()
         self.progress_lines = None
         if stage == sb.Stage.TRAIN and self.noprogressbar and if_main_process():
@@ -175,24 +232,29 @@ class ASRBrain(sb.core.Brain):
             "epoch_seconds": time.perf_counter() - self.epoch_started,
         }
         entry.update(self._gate_entry())
+        # log_stats is SpeechBrain's main_process_only: it broadcasts, so every rank calls it.
+        self.hparams.train_logger.log_stats(
+            stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
+            train_stats=self.train_stats,
+            valid_stats=valid_stats,
+        )
         if if_main_process():
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
-                train_stats=self.train_stats,
-                valid_stats=valid_stats,
-            )
             self._log_gates(entry)
-            with open(self.hparams.history_file, "a", encoding="utf-8") as history:
-                history.write(json.dumps(entry) + "\n")
         self.checkpointer.save_and_keep_only(
             meta={"WER": rates["wer"], "epoch": epoch},
             num_to_keep=self.hparams.keep_checkpoints,
+            ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG not in ckpt.meta,
         )
+        # The epoch's own checkpoint supersedes the ones taken inside it.
+        self.checkpointer.delete_checkpoints(
+            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
+        if if_main_process():
+            write_history_entry(self.hparams.history_file, entry)
 
     def _gate_entry(self):
         """The method's per-epoch fields (docs/FORMATS.md, history.jsonl), with the mean loss
         term it added in training."""
-        summary = self.method.epoch_summary(self.modules, self.training_progress())
+        summary = self.method.epoch_summary(self.plain_modules, self.training_progress())
         if not summary:
             return {}
         return {"regulariser": self.train_stats.get("regulariser"), **summary}
@@ -224,7 +286,7 @@ class ASRBrain(sb.core.Brain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
             self.hparams.lr_annealing(self.optimizer)
-            self.method.after_step(self.modules, self.training_progress())
+            self.method.after_step(self.plain_modules, self.training_progress())
         if self.progress_lines is not None:
             self.progress_lines.postfix = (f"train loss {self.avg_train_loss:.3f} "
                                            f"(step {self.optimizer_step})")
@@ -241,14 +303,26 @@ class ASRBrain(sb.core.Brain):
             "utterances": len(self.ids),
             "decode_seconds": time.perf_counter() - self.stage_started,
         }
+        self.hparams.train_logger.log_stats(  # every rank: see _end_valid_epoch
+            stats_meta={"test split": self.test_split}, test_stats=self.test_result
+        )
         if if_main_process():
-            self.hparams.train_logger.log_stats(
-                stats_meta={"test split": self.test_split}, test_stats=self.test_result
-            )
             out_dir = Path(self.hparams.output_folder)
             write_alignments(
                 out_dir / f"wer_{self.test_split}.txt", self.ids, self.references, self.beam_hyps
             )
+
+
+def write_history_entry(history_file, entry):
+    """Adds the epoch's line to history.jsonl, replacing a line of the same epoch: a run killed
+    after writing it but before its checkpoint was complete trains that epoch again."""
+    path = Path(history_file)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch") != entry["epoch"]]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]),
+                       encoding="utf-8")
+    partial.replace(path)
 
 
 def _retention_line(retentions):
@@ -282,6 +356,10 @@ def init_progress_clock(brain, train_data, hparams):
         batches = len(loader_opts["batch_sampler"])
     else:
         batches = math.ceil(len(train_data) / loader_opts.get("batch_size", 1))
+    # Under torchrun each rank gets every world_size-th batch (SpeechBrain's
+    # DistributedSamplerWrapper, which pads to equal shares): the clock counts one rank's steps.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(batches / world_size)
     brain.batches_per_epoch = batches
     brain.total_train_steps = hparams["number_of_epochs"] * max(
         1, batches // hparams.get("grad_accumulation_factor", 1)
@@ -354,6 +432,12 @@ def dataio_prepare(hparams, tokenizer):
     test_datasets = {Path(p).stem: csv_dataset(p) for p in hparams["test_csv"]}
     datasets = [train_data, valid_data, *test_datasets.values()]
     add_pipelines(datasets, tokenizer, hparams["bos_index"], hparams["eos_index"])
+    # The train loader seeds its (unused without workers) worker base seed from a generator of
+    # its own, not the global one: otherwise each epoch's loader draws from the global generator
+    # when it starts, and a run resumed inside an epoch (which starts a loader again) would
+    # then see other dropout and gate noise than the run that was not stopped.
+    hparams["train_dataloader_opts"].setdefault(
+        "generator", torch.Generator().manual_seed(hparams["seed"]))
     if "dynamic_batching" in hparams:
         # Batches of similar length up to a total duration: little padding, steady memory.
         hparams["train_dataloader_opts"]["batch_sampler"] = DynamicBatchSampler(

@@ -194,11 +194,13 @@ def gate_attention(mha, query, value, **gate_args):
 class GatedConvolutionModule(ConvolutionModule):
     """Convolution module with a gate on the channels entering the depthwise convolution.
 
-    The same mask sample is applied twice: after the GLU (the gate proper) and again after the
-    Swish, before the last pointwise Linear. The second application is what makes a closed
-    channel removable despite the LayerNorm across channels: the closed channel's depthwise
-    output is its bias, a constant, whose only remaining effect is on the LayerNorm statistics of
-    the open channels (the compact model keeps it there as a "phantom" constant).
+    The gate proper scales the channels after the GLU, where they enter the depthwise
+    convolution: a closed channel's depthwise output is then its bias, a constant, whose only
+    remaining effect is on the LayerNorm statistics of the open channels (the compact model keeps
+    it there as a "phantom" constant). A second, 0/1 factor after the Swish, before the last
+    pointwise Linear, cuts a closed channel off from the output so that its Linear column can go:
+    it is 0 exactly where the mask is 0 (evaluation's closed units, or a hard training sample)
+    and 1 elsewhere, so a relaxed training mask m scales a channel once, by m, not by m * m.
     """
 
     def forward(self, x, mask=None, dynchunktrain_config=None):
@@ -211,7 +213,8 @@ class GatedConvolutionModule(ConvolutionModule):
         if self.causal:
             out = out[..., : -self.padding]
         norm, activation, linear, dropout = self.after_conv
-        out = activation(norm(out.transpose(1, 2))) * gate_mask.view(-1, 1, channels)
+        closed_off = (gate_mask != 0).to(out.dtype)  # no gradient: the gate acts above
+        out = activation(norm(out.transpose(1, 2))) * closed_off.view(-1, 1, channels)
         out = dropout(linear(out))
         if mask is not None:
             out = out.masked_fill(mask, 0.0)

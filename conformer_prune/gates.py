@@ -17,6 +17,12 @@ from torch import nn
 _EPS = 1e-6
 
 
+def _require(ok, key, value, expected):
+    """A start-up error naming the YAML key (hparams/*.yaml) that holds a bad setting."""
+    if not ok:
+        raise ValueError(f"{key}: {value!r} is not valid; expected {expected}")
+
+
 def logit(p):
     """log(p / (1 - p)) of a probability given as a float."""
     return math.log(p / (1.0 - p))
@@ -53,6 +59,11 @@ class AdaptiveDropout(nn.Module):
         super().__init__()
         if unit_dim == 0:
             raise ValueError("AdaptiveDropout: dimension 0 is the batch, units cannot be there")
+        _require(0.0 < init_retention < 1.0, "gate_init_retention", init_retention,
+                 "a probability strictly between 0 and 1 (its logit must be finite)")
+        _require(temperature > 0.0, "gate_temperature", temperature, "positive")
+        _require(0.0 < threshold < 1.0, "gate_threshold", threshold,
+                 "strictly between 0 and 1 (0 keeps every unit, 1 none)")
         self.units = units
         self.unit_dim = unit_dim
         self.temperature = temperature
@@ -163,10 +174,13 @@ class TargetSchedule:
     """
 
     def __init__(self, shape="linear", start=3.0, end=-3.0, span=1.0, delay=0.0, rate=5.0):
-        if shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"TargetSchedule: shape {shape!r} not in {SCHEDULE_SHAPES}")
-        if span <= 0:
-            raise ValueError("TargetSchedule: span must be positive")
+        _require(shape in SCHEDULE_SHAPES, "regulariser schedule shape", shape,
+                 f"one of {', '.join(SCHEDULE_SHAPES)}")
+        _require(span > 0, "gate_target_span", span, "a positive fraction of training")
+        _require(0 <= delay < 1, "gate_target_delay", delay, "a fraction of training in [0, 1)")
+        _require(math.isfinite(start), "gate_target_start", start, "a finite logit")
+        _require(math.isfinite(end), "gate_target_end", end, "a finite logit")
+        _require(rate > 0, "regulariser schedule rate", rate, "positive (exponential shape)")
         self.shape = shape
         self.start = start
         self.end = end
@@ -191,6 +205,16 @@ class TargetSchedule:
 
     def __call__(self, progress):
         return self.c(progress)
+
+    @property
+    def fall_ends(self):
+        """Training progress at which the selection (the fall) is over: `delay + span` for
+        every shape, the step's jump and the constant target included (they select units
+        for that long too), so that the commit phase starts at the same point for all."""
+        return self.delay + self.span
+
+    def fall_ended(self, progress):
+        return progress >= self.fall_ends
 
     def c(self, progress):
         """Target logit at a training progress in [0, 1]."""
@@ -219,7 +243,8 @@ class RetentionRegulariser:
         B(t) = P_dense - (P_dense - target_params) * schedule.fraction(progress) is the budget
         trajectory: alpha grows while the model is above its budget and shrinks below it.
     keep_target : float, optional
-        Commit phase: once the target has finished falling (`schedule.fraction` reaches 1), units
+        Commit phase: once the target has finished falling (at `delay + span` of training, for
+        every schedule shape: `TargetSchedule.fall_ends`), units
         whose retention is at or above their gate's threshold are pulled toward this logit
         instead of c(t); units below it keep c(t). Why: the falling target selects units, but a
         survivor held by one common target settles where the loss's push up balances the pull
@@ -242,8 +267,11 @@ class RetentionRegulariser:
     ):
         if normalise not in ("mean", "sum"):
             raise ValueError(f"RetentionRegulariser: normalise {normalise!r} not in mean, sum")
-        if keep_target is not None and schedule.shape not in ("step", "constant") \
-                and schedule.delay + schedule.span > 1.0:
+        _require(alpha > 0, "gate_alpha", alpha, "positive")
+        _require(int(budget_every) >= 1, "gate_budget_every", budget_every, "at least 1 step")
+        _require(target_params is None or target_params > 0, "gate_target_params",
+                 target_params, "a positive parameter count, or null")
+        if keep_target is not None and schedule.fall_ends > 1.0:
             # The fall would not end before training does, so the commit phase would never run.
             raise ValueError(
                 f"RetentionRegulariser: keep_target is set but the target falls until "
@@ -283,7 +311,7 @@ class RetentionRegulariser:
 
     def _unit_targets(self, gates, progress):
         """c(t) for every unit, or per side of the threshold in the commit phase."""
-        if self.keep_target is None or self.schedule.fraction(progress) < 1.0:
+        if self.keep_target is None or not self.schedule.fall_ended(progress):
             return self.target
         kept = torch.cat([gate.keep_mask() for gate in gates])
         return torch.where(kept, self.keep_target, self.target).to(gates[0].logits.dtype)

@@ -28,7 +28,7 @@ def build_asr_modules(
 ):
     """Builds the modules of a Conformer CTC/attention model (SpeechBrain conformer_small layout).
 
-    Returns a ModuleDict with the keys a SpeechBrain recipe uses: CNN, Transformer, ctc_lin,
+    Returns a ConformerASR (a ModuleDict) with the keys a SpeechBrain recipe uses: CNN, Transformer, ctc_lin,
     seq_lin. Every argument is a plain value so that the call can be written to JSON.
     """
     # One stride-2 block per entry of cnn_channels: two (SpeechBrain's default) give 40 ms
@@ -64,7 +64,7 @@ def build_asr_modules(
         normalize_before=True,
         causal=False,
     )
-    return torch.nn.ModuleDict(
+    return ConformerASR(
         {
             "CNN": cnn,
             "Transformer": transformer,
@@ -72,6 +72,23 @@ def build_asr_modules(
             "seq_lin": Linear(input_size=d_model, n_neurons=vocab_size),
         }
     )
+
+
+class ConformerASR(torch.nn.ModuleDict):
+    """The four parts of a SpeechBrain CTC/attention recipe, with one forward through all.
+
+    Why a forward of its own: under DDP (torchrun) SpeechBrain wraps each entry of the Brain's
+    `modules` in DistributedDataParallel, and DDP only averages the gradients of a forward
+    that goes through the wrapper; calling `asr.CNN`, `asr.Transformer`... part by part would
+    bypass it (and a DDP wrapper has no `.CNN`). As a ModuleDict its state_dict keys stay
+    `CNN.*`, `Transformer.*`, `ctc_lin.*`, `seq_lin.*`.
+    """
+
+    def forward(self, feats, tokens_bos, wav_lens, pad_idx=0):
+        """Encoder output, CTC logits and decoder logits (teacher forcing on tokens_bos)."""
+        enc_out, dec_out = self["Transformer"](self["CNN"](feats), tokens_bos, wav_lens,
+                                               pad_idx=pad_idx)
+        return enc_out, self["ctc_lin"](enc_out), self["seq_lin"](dec_out)
 
 
 def build_from_arch(arch):

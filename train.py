@@ -30,6 +30,7 @@ from conformer_prune.asr_brain import (
 )
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
+from conformer_prune.ranks import compare_ranks
 from conformer_prune.scoring import git_commit, hparams_sha256, write_results
 
 
@@ -38,6 +39,10 @@ def main(argv):
         # In a log file tqdm's redrawn bar is one endless line; ASRBrain writes a plain
         # progress line now and then instead.
         argv = [*argv, "--noprogressbar"]
+    if not any(arg.startswith("--distributed_backend") for arg in argv) \
+            and not torch.cuda.is_available():
+        # SpeechBrain's default backend (nccl) needs GPUs; on CPU, torchrun runs with gloo.
+        argv = [*argv, "--distributed_backend=gloo"]
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     # torchrun: one process per device; a no-op for a plain `python train.py`.
     sb.utils.distributed.ddp_init_group(run_opts)
@@ -83,9 +88,12 @@ def main(argv):
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
 
+    ranks = None
+    if not run_opts.get("test_only"):
+        ranks = compare_ranks(brain.plain_modules, brain.method)  # None without torchrun
     splits, decode = evaluate_splits(brain, test_datasets, hparams)
     if if_main_process():
-        write_run_results(hparams, brain, splits, decode)
+        write_run_results(hparams, brain, splits, decode, ranks)
 
 
 def params_of_saved_model(brain):
@@ -94,7 +102,7 @@ def params_of_saved_model(brain):
     return count_params(torch.load(checkpoint.paramfiles["model"], map_location="cpu"))
 
 
-def write_run_results(hparams, brain, splits, decode):
+def write_run_results(hparams, brain, splits, decode, ranks=None):
     """results.json of the run (docs/FORMATS.md): counts from the tensors of the decoded model."""
     method = brain.method
     results = {
@@ -111,6 +119,8 @@ def write_run_results(hparams, brain, splits, decode):
         "epochs": brain.hparams.epoch_counter.current,
         **method.results_summary(brain.plain_modules),
     }
+    if ranks is not None:
+        results["ranks"] = ranks
     write_results(Path(hparams["output_folder"]) / "results.json", results)
 
 

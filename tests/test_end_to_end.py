@@ -6,41 +6,12 @@ docs/FORMATS.md promises, and that the shrunk model decodes exactly as the gated
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conformer_prune.cli import main as cli_main
-from conformer_prune.synth import build_corpus
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY_ARCH = (
-    "{vocab_size: 40, n_mels: 80, d_model: 32, nhead: 2, num_encoder_layers: 2, "
-    "num_decoder_layers: 1, d_ffn: 64, kernel_size: 7, dropout: 0.1, activation: gelu, "
-    "cnn_channels: [8, 8, 8]}"
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    build_corpus(out, hours=0.02, seed=7, eval_hours=0.004, progress=False)
-    return out
-
-
-def train_tiny(yaml, corpus, run_dir, epochs, *overrides):
-    """`python train.py <yaml>` with a tiny model, as a user runs it."""
-    command = [
-        sys.executable, "train.py", yaml,
-        f"--data_folder={corpus}", f"--output_folder={run_dir}",
-        f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={TINY_ARCH}",
-        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *overrides,
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-
+from tiny_runs import train_tiny
 
 def train_tiny_gated(corpus, run_dir, epochs):
     # Gates start at the threshold so that one short epoch already closes some of them.

@@ -221,6 +221,68 @@ def test_commit_phase_that_could_never_start_is_refused_at_start_up():
     RetentionRegulariser(1.0, TargetSchedule("linear", span=0.6, delay=0.4), keep_target=4.0)
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "exponential", "step", "constant"])
+def test_commit_phase_starts_when_the_fall_ends_for_every_shape(shape):
+    """delay 0.2 + span 0.5: one target for all units before 0.7, split by side from 0.7 on,
+    the step and constant shapes included (they used to commit from their first step)."""
+    gate = AdaptiveDropout(2)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([2.0, -2.0]))  # one kept, one closed
+    schedule = TargetSchedule(shape, 3.0, -3.0, span=0.5, delay=0.2)
+    regulariser = RetentionRegulariser(1.0, schedule, keep_target=5.0)
+    for progress in (0.0, 0.3, 0.69):
+        c = schedule.c(progress)
+        assert regulariser(gate, progress).item() == pytest.approx(
+            ((2.0 - c) ** 2 + (-2.0 - c) ** 2) / 2), progress
+    for progress in (0.7, 1.0):
+        assert regulariser(gate, progress).item() == pytest.approx(
+            ((2.0 - 5.0) ** 2 + (-2.0 + 3.0) ** 2) / 2), progress
+    assert schedule.fall_ends == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda: TargetSchedule("linear", span=0.0), "gate_target_span"),
+    (lambda: TargetSchedule("linear", delay=-0.1), "gate_target_delay"),
+    (lambda: TargetSchedule("linear", delay=1.0), "gate_target_delay"),
+    (lambda: TargetSchedule("linear", start=math.inf), "gate_target_start"),
+    (lambda: TargetSchedule("linear", end=math.nan), "gate_target_end"),
+    (lambda: TargetSchedule("zigzag"), "shape"),
+    (lambda: TargetSchedule("exponential", rate=0.0), "rate"),
+    (lambda: RetentionRegulariser(0.0, TargetSchedule()), "gate_alpha"),
+    (lambda: RetentionRegulariser(1.0, TargetSchedule(), target_params=0), "gate_target_params"),
+    (lambda: RetentionRegulariser(1.0, TargetSchedule(), budget_every=0), "gate_budget_every"),
+    (lambda: RetentionRegulariser(1.0, TargetSchedule("step", span=0.9, delay=0.2),
+                                  keep_target=4.0), "gate_target_delay"),
+    (lambda: AdaptiveDropout(4, init_retention=1.0), "gate_init_retention"),
+    (lambda: AdaptiveDropout(4, temperature=0.0), "gate_temperature"),
+    (lambda: AdaptiveDropout(4, threshold=1.0), "gate_threshold"),
+])
+def test_bad_gate_settings_are_start_up_errors_naming_the_yaml_key(make, key):
+    with pytest.raises(ValueError, match=key):
+        make()
+
+
+def test_conv_gate_scales_a_channel_once_in_training():
+    """A relaxed mask m scales the channels entering the depthwise conv by m, and nothing else:
+    the gated module equals SpeechBrain's module with the GLU output times m (not m * m)."""
+    torch.manual_seed(0)
+    dense = build_asr_modules(**TINY_ARCH)
+    conv = dense["Transformer"].encoder.layers[0].convolution_module
+    reference = copy.deepcopy(conv).eval()
+    gated = insert_gates(dense, sites=("conv",))
+    module = gated["Transformer"].encoder.layers[0].convolution_module
+    module.eval()  # no dropout; the mask is set by hand below
+    channels = module.conv.in_channels
+    m = torch.linspace(0.1, 0.9, channels).unsqueeze(0)
+    module.gate.mask = lambda batch_size: m.expand(batch_size, channels)
+    x = torch.randn(2, 7, TINY_ARCH["d_model"])
+
+    reference.conv.register_forward_pre_hook(
+        lambda _, inputs: (inputs[0] * m.view(1, channels, 1),))
+    expected = reference(x)
+    assert torch.allclose(module(x), expected, atol=1e-6)
+
+
 def test_regulariser_needs_gates():
     with pytest.raises(ValueError):
         RetentionRegulariser(1.0, TargetSchedule())(torch.nn.Linear(2, 2), 0.0)

@@ -1,0 +1,190 @@
+"""Runs that outgrow one process or get killed: torchrun DDP through the real train.py, and a
+SIGKILL in the middle of an epoch followed by the same command, which must end exactly where the
+run that was not killed ends (issue 16)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conformer_prune.checkpoints import SafeCheckpointer
+from conformer_prune.ranks import compare_ranks
+from conformer_prune.methods import Dense
+from tiny_runs import ROOT, SMALL_BATCHES, tiny_arguments, train_tiny
+
+GATED = "hparams/mini/conformer_adrop.yaml"
+# Gates that start at their threshold, so that a short run already moves the gate decisions.
+GATE_ARGS = ("--gate_threshold=0.9", "--gate_init_retention=0.9")
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+# ----- DDP ---------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_train_the_real_recipe_and_end_identical(corpus, tmp_path):
+    """The README's torchrun command (gloo on CPU, chosen by train.py): both ranks train, the
+    schedule clock counts one rank's steps, the ranks end with the same state, rank 0 writes."""
+    run_dir = tmp_path / "ddp"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port", str(_free_port()))
+    train_tiny(GATED, corpus, run_dir, 2, *GATE_ARGS, f"--dynamic_batching={SMALL_BATCHES}",
+               launcher=torchrun)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["ranks"]["world_size"] == 2 and results["ranks"]["agree"]
+    history = _history(run_dir)
+    assert [entry["epoch"] for entry in history] == [1, 2]  # one writer, not two
+    # Each rank takes half of the batches; the clock must still reach the end of training.
+    assert history[-1]["progress"] == 1.0
+    assert history[-1]["regulariser_target"] == -4.0  # gate_target_end of the YAML
+
+
+def test_ranks_that_drift_apart_are_an_error_naming_the_part(tmp_path):
+    port = _free_port()
+    mp.spawn(_compare_different_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
+            "DDP ranks ended training with different state in: asr")
+
+
+def _compare_different_ranks(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # a different layer on each rank
+        modules = torch.nn.ModuleDict({"asr": torch.nn.Linear(3, 2)})
+        try:
+            compare_ranks(modules, Dense())
+            message = "no error"
+        except RuntimeError as error:
+            message = str(error)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as out:
+            out.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----- kill and resume -----------------------------------------------------------------------
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters_and_history(corpus, tmp_path):
+    """SIGKILL just after the first checkpoint inside epoch 1, then the same command again:
+    every file of both epochs' checkpoints (model, optimisers, scheduler, gate and method
+    state, normaliser, counters, RNG, data position) and history.jsonl equal those of an
+    uninterrupted run, bit for bit (one thread, CPU)."""
+    overrides = (*GATE_ARGS, f"--dynamic_batching={SMALL_BATCHES}", "--ckpt_interval_steps=3")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train_tiny(GATED, corpus, straight, 2, *overrides)
+
+    _kill_at_first_intra_epoch_checkpoint(tiny_arguments(GATED, corpus, killed, 2, *overrides),
+                                          killed)
+    assert not (killed / "history.jsonl").exists()  # killed inside epoch 1
+    resumed = train_tiny(GATED, corpus, killed, 2, *overrides)
+    assert "Loading a checkpoint from" in resumed.stdout + resumed.stderr
+
+    for epoch in (1, 2):
+        expected = _epoch_checkpoint(straight, epoch)
+        got = _epoch_checkpoint(killed, epoch)
+        names = sorted(path.name for path in expected.iterdir() if path.name != "CKPT.yaml")
+        assert names == sorted(path.name for path in got.iterdir() if path.name != "CKPT.yaml")
+        assert "random_state.ckpt" in names and "method.ckpt" in names
+        for name in names:
+            assert _same(_read(expected / name), _read(got / name)), f"epoch {epoch}: {name}"
+    timeless = [{k: v for k, v in entry.items() if k != "epoch_seconds"}
+                for entry in _history(straight)]
+    assert [{k: v for k, v in entry.items() if k != "epoch_seconds"}
+            for entry in _history(killed)] == timeless
+
+
+def _kill_at_first_intra_epoch_checkpoint(arguments, run_dir):
+    process = subprocess.Popen([sys.executable, *arguments], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            metas = (run_dir / "save").glob("CKPT+*/CKPT.yaml")
+            if any("intra_epoch" in meta.read_text() for meta in metas):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        if process.poll() is None and time.monotonic() >= deadline:
+            process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def _epoch_checkpoint(run_dir, epoch):
+    for folder in (run_dir / "save").glob("CKPT+*"):
+        meta = (folder / "CKPT.yaml").read_text()
+        if "end-of-epoch: true" in meta and f"\nepoch: {epoch}\n" in meta:
+            return folder
+    raise AssertionError(f"{run_dir}: no end-of-epoch checkpoint for epoch {epoch}")
+
+
+def _read(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # text files: brain.ckpt (JSON), counter, data position
+        return path.read_text()
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+# ----- checkpoints that were not finished ------------------------------------------------------
+
+
+class _DiskFull(torch.nn.Module):
+    """A recoverable whose save fails as a full disk does, after other files were written."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+
+    def state_dict(self, *args, **kwargs):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        return super().state_dict(*args, **kwargs)
+
+
+def test_a_save_that_fails_half_way_is_never_loaded_and_is_removed(tmp_path):
+    layer, disk = torch.nn.Linear(2, 2), _DiskFull()
+    checkpointer = SafeCheckpointer(tmp_path, recoverables={"a_layer": layer, "z_disk": disk})
+    good = checkpointer.save_checkpoint(meta={"n": 1})
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    disk.fail = True
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.save_checkpoint(meta={"n": 2})
+    half = [path for path in tmp_path.glob("CKPT+*") if path != good.path]
+    assert len(half) == 1 and (half[0] / "a_layer.ckpt").exists()  # written before the failure
+    assert checkpointer.find_checkpoint().path == good.path
+    disk.fail = False
+    assert checkpointer.recover_if_possible().path == good.path
+    assert not half[0].exists()  # removed, with a warning naming it
+    assert torch.equal(layer.weight, torch.load(good.path / "a_layer.ckpt")["weight"])

@@ -1,0 +1,32 @@
+"""`python train.py <yaml>` (or torchrun) with a tiny model on the tiny built corpus (conftest.py),
+as a user runs it: shared by the end-to-end and the reliability tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_ARCH = (
+    "{vocab_size: 40, n_mels: 80, d_model: 32, nhead: 2, num_encoder_layers: 2, "
+    "num_decoder_layers: 1, d_ffn: 64, kernel_size: 7, dropout: 0.1, activation: gelu, "
+    "cnn_channels: [8, 8, 8]}"
+)
+# Batches of at most 8 s: about 20 optimiser steps per epoch on the tiny corpus.
+SMALL_BATCHES = "{max_batch_length: 8, num_buckets: 4, shuffle: True, batch_ordering: random}"
+
+
+def tiny_arguments(yaml, corpus, run_dir, epochs, *overrides):
+    return [
+        "train.py", yaml,
+        f"--data_folder={corpus}", f"--output_folder={run_dir}",
+        f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={TINY_ARCH}",
+        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *overrides,
+    ]
+
+
+def train_tiny(yaml, corpus, run_dir, epochs, *overrides, launcher=(sys.executable,)):
+    """Runs the training to its end; returns the finished process (stdout and stderr)."""
+    command = [*launcher, *tiny_arguments(yaml, corpus, run_dir, epochs, *overrides)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done

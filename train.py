@@ -22,12 +22,14 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from conformer_prune.asr_brain import (
     ASRBrain,
     attach_method,
+    data_summary,
     dataio_prepare,
     evaluate_splits,
     init_progress_clock,
     load_tokenizer,
     train_tokenizer,
 )
+from conformer_prune.errors import InputError
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.ranks import compare_ranks
@@ -117,6 +119,7 @@ def write_run_results(hparams, brain, splits, decode, ranks=None):
         "decode": decode,
         "splits": splits,
         "epochs": brain.hparams.epoch_counter.current,
+        "data": data_summary(hparams),
         **method.results_summary(brain.plain_modules),
     }
     if ranks is not None:
@@ -125,4 +128,9 @@ def write_run_results(hparams, brain, splits, decode, ranks=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except InputError as err:
+        # Bad input (docs/RELIABILITY.md): one line naming the item, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -5,6 +5,7 @@ compact model with exactly the code that evaluated the run. Model transforms (ga
 not import this module.
 """
 
+import csv
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
+from conformer_prune.errors import InputError
 from conformer_prune.methods import Dense
 from conformer_prune.progress import LineProgress
 from conformer_prune.scoring import error_rates, write_alignments
@@ -425,6 +427,27 @@ def csv_dataset(csv_path, max_duration=None):
     return data.filtered_sorted(sort_key="duration", key_max_value={"duration": max_duration})
 
 
+def data_summary(hparams):
+    """Utterances used and skipped per split, for results.json: what a run trained and was
+    tested on, so that runs compared side by side can be seen to have seen the same data."""
+    summary = {}
+    limits = {Path(hparams["train_csv"]).stem: hparams.get("max_train_duration")}
+    for csv_path in [hparams["train_csv"], hparams["valid_csv"], *hparams["test_csv"]]:
+        csv_path = Path(csv_path)
+        with open(csv_path, encoding="utf-8", newline="") as rows:
+            durations = [float(row["duration"]) for row in csv.DictReader(rows)]
+        skipped_file = csv_path.with_name(f"{csv_path.stem}_skipped.txt")
+        prepare_skipped = (len(skipped_file.read_text(encoding="utf-8").splitlines())
+                           if skipped_file.exists() else 0)
+        limit = limits.get(csv_path.stem)
+        too_long = sum(d > limit for d in durations) if limit else 0
+        summary[csv_path.stem] = {
+            "utterances": len(durations) - too_long,
+            "skipped_too_long": prepare_skipped + too_long,
+        }
+    return summary
+
+
 def dataio_prepare(hparams, tokenizer):
     """Builds the train, valid and test datasets with their audio and text pipelines."""
     train_data = csv_dataset(hparams["train_csv"], hparams.get("max_train_duration"))
@@ -452,7 +475,14 @@ def add_pipelines(datasets, tokenizer, bos_index, eos_index):
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+        try:
+            return sb.dataio.dataio.read_audio(wav)
+        except Exception as err:  # soundfile's and torchaudio's errors have no common base
+            # Preparation read the header and the end; a file changed or damaged since then
+            # would otherwise stop training with a traceback from inside the DataLoader.
+            raise InputError(f"{wav}: cannot read audio ({err}); it changed since the CSVs "
+                             "were prepared: fix it, or delete the run's prepare_opts.json "
+                             "to prepare again") from None
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")

@@ -21,6 +21,8 @@ from speechbrain.utils.checkpoints import METAFNAME, Checkpointer
 from speechbrain.utils.distributed import if_main_process
 from speechbrain.utils.repro import SaveableGenerator
 
+from conformer_prune.errors import InputError
+
 logger = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
 
@@ -52,6 +54,20 @@ class SafeCheckpointer(Checkpointer):
         meta = super()._save_checkpoint_metafile(partial, meta_to_include, end_of_epoch)
         self._pending_meta = partial
         return meta
+
+    def _call_load_hooks(self, checkpoint):
+        try:
+            super()._call_load_hooks(checkpoint)
+        except InputError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as err:
+            # torch's "size mismatch for ..." / "Unexpected key(s) ..." name the tensors.
+            first_lines = " ".join(str(err).strip().splitlines()[:3])
+            raise InputError(
+                f"{checkpoint.path}: this checkpoint does not fit the run's model or method "
+                f"(written by another architecture or method?): {first_lines[:600]}. "
+                f"Use another --output_folder, or remove {self.checkpoints_dir} to start "
+                "over") from None
 
     def recover_if_possible(self, *args, **kwargs):
         self.remove_incomplete()

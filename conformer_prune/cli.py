@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from conformer_prune.errors import InputError
+
 SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "report")
 
 
@@ -25,7 +27,12 @@ def build_parser():
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s - %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as err:
+        # Bad input: one line naming the item, no traceback (docs/RELIABILITY.md).
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from speechbrain.utils.epoch_loop import EpochCounter
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from conformer_prune.asr_brain import ASRBrain, add_pipelines, csv_dataset, evaluate_splits
+from conformer_prune.errors import InputError
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.scoring import git_commit, hparams_sha256, read_results, write_results
+from conformer_prune.shrink import INFERENCE_FILES, _require_files
 
 logger = logging.getLogger(__name__)
 DEFAULT_SPLITS = ("test-clean", "test-other")
@@ -32,9 +34,10 @@ def load_inference_folder(model_dir, overrides=None):
     model_dir = Path(model_dir).resolve()
     hparams_file = model_dir / "hyperparams.yaml"
     if not hparams_file.exists():
-        raise FileNotFoundError(
+        raise InputError(
             f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
         )
+    _require_files(model_dir, INFERENCE_FILES)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides or {})
     pretrainer = hparams["pretrainer"]

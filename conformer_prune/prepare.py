@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import soundfile
 
+from conformer_prune.errors import InputError
 from conformer_prune.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 OPTS_FILE = "prepare_opts.json"
 UTT_ID = re.compile(r"(\d+)-(\d+)-(\d+)")
 LINE_FORM = "'<speaker>-<chapter>-<utt> WORDS'"
+OTHER_AUDIO = {".wav", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".sph", ".aiff", ".aif"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The corpus on disk does not match the LibriSpeech layout."""
 
 
@@ -155,7 +157,24 @@ def prepare_split(root, split, save_folder, max_duration, progress):
         "%s: %d utterances written to %s; %d longer than max_duration=%s skipped (listed in %s)",
         split, len(rows), csv_path, len(skipped), max_duration, skipped_path,
     )
+    log_non_ascii(split, rows)
     return csv_path
+
+
+def log_non_ascii(split, rows):
+    """Counts transcripts with characters outside ASCII. They are kept (a corpus in another
+    language needs them; the character tokenizer learns them, and train.py says so if they
+    exceed output_neurons), but LibriSpeech has none, so their number is worth a log line."""
+    symbols = {}
+    for row in rows:
+        for char in row[-1]:
+            if not char.isascii():
+                symbols[char] = symbols.get(char, 0) + 1
+    if symbols:
+        utterances = sum(1 for row in rows if not row[-1].isascii())
+        listing = ", ".join(f"{char!r} x{count}" for char, count in sorted(symbols.items()))
+        logger.info("%s: %d transcripts have characters outside ASCII (kept): %s",
+                    split, utterances, listing)
 
 
 def chapter_dirs(split_dir):
@@ -171,6 +190,12 @@ def read_chapter(chapter_dir):
         raise DataError(f"{trans_path}: transcript file not found in chapter folder")
     transcript = read_transcript(trans_path, speaker, chapter)
     audio = {p.stem: p for p in chapter_dir.glob("*.flac")}
+    other = sorted(p for p in chapter_dir.iterdir() if p.suffix.lower() in OTHER_AUDIO)
+    if other:
+        raise DataError(
+            f"{other[0]}: audio that is not FLAC ({len(other)} such file(s) in {chapter_dir}); "
+            "the LibriSpeech layout has 16 kHz mono .flac files (e.g. "
+            "`sox in.wav -r 16000 -c 1 out.flac`)")
 
     orphans = sorted(audio.keys() - transcript.keys())
     if orphans:
@@ -234,7 +259,25 @@ def audio_duration(wav):
         raise DataError(f"{wav}: sample rate {info.samplerate} Hz; expected {SAMPLE_RATE} Hz")
     if info.channels != 1:
         raise DataError(f"{wav}: {info.channels} channels; expected mono")
+    if info.frames == 0:
+        raise DataError(f"{wav}: no samples; expected speech")
+    check_end_readable(wav, info.frames)
     return info.frames / info.samplerate
+
+
+def check_end_readable(wav, frames):
+    """Reads the last sample: a file cut short (a copy that died half-way) keeps a header that
+    promises every sample, so only reading the end tells. Seeking costs one FLAC block, not a
+    decode of the whole file."""
+    try:
+        with soundfile.SoundFile(str(wav)) as audio:
+            audio.seek(frames - 1)
+            if len(audio.read(1)) != 1:
+                raise soundfile.SoundFileError("the last sample is missing")
+    except (soundfile.SoundFileError, RuntimeError) as err:
+        raise DataError(
+            f"{wav}: truncated or corrupt audio: the header promises {frames} samples but the "
+            f"end cannot be read ({err}); copy the file again") from None
 
 
 @contextmanager

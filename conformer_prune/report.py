@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
+from conformer_prune.errors import InputError
 from conformer_prune.scoring import ResultsError, read_results
 from conformer_prune.sites import SITES  # the one registry of site names
 
@@ -60,7 +61,7 @@ CURVES = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """A run folder that cannot be read; the message names the file (and line)."""
 
 

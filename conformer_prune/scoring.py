@@ -13,6 +13,8 @@ from pathlib import Path
 import jiwer
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from conformer_prune.errors import InputError
+
 
 def error_rates(references, hypotheses):
     """WER and CER in percent of word strings (empty hypotheses allowed, empty references not)."""
@@ -63,7 +65,7 @@ def write_results(path, results):
     os.replace(tmp, path)
 
 
-class ResultsError(ValueError):
+class ResultsError(InputError):
     """A results.json that cannot be read as one JSON object; the message names the file."""
 
 

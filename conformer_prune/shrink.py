@@ -27,6 +27,7 @@ from speechbrain.utils.checkpoints import Checkpointer
 from torch import nn
 from torch.nn import functional as F
 
+from conformer_prune.errors import InputError
 from conformer_prune.gated_conformer import (
     attention_mask_4d,
     gate_keep,
@@ -484,6 +485,9 @@ def apply_widths(modules, widths):
 # ------------------------------------------------------------------------ save / load
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.ckpt"
+# What `conformer-prune decode` needs in a compact folder (export_inference_folder writes them).
+INFERENCE_FILES = (ARCH_FILE, WEIGHTS_FILE, "tokenizer.ckpt", "normalizer.ckpt",
+                   "hyperparams.yaml")
 
 
 def build_compact(arch, widths):
@@ -500,9 +504,18 @@ def save_compact(out_dir, modules, arch, widths):
     torch.save(modules.state_dict(), out_dir / WEIGHTS_FILE)
 
 
+def _require_files(folder, names):
+    """A compact folder with a file missing: name it (not a traceback from deep in a load)."""
+    for name in names:
+        if not (Path(folder) / name).is_file():
+            raise InputError(f"{Path(folder) / name}: missing from the compact model folder; "
+                             "write the folder again with `conformer-prune shrink`")
+
+
 def load_compact(path):
     """Rebuilds a compact model from its folder (arch.json + model.ckpt), strictly."""
     path = Path(path)
+    _require_files(path, (ARCH_FILE, WEIGHTS_FILE))
     with open(path / ARCH_FILE, encoding="utf-8") as f:
         saved = json.load(f)
     modules = build_compact(saved["arch"], saved["widths"])
@@ -677,10 +690,16 @@ def load_gated_run(path):
         run_dir = path
         checkpoint = Checkpointer(path / "save").find_checkpoint()
         if checkpoint is None:
-            raise FileNotFoundError(f"{path}: no checkpoint under save/")
+            raise InputError(f"{path}: no checkpoint under save/ (did training start?)")
         checkpoint = checkpoint.path
-    else:
+    elif path.name.startswith("CKPT+") and (path / "CKPT.yaml").exists():
         run_dir, checkpoint = path.parent.parent, path  # <run>/save/CKPT+...
+    else:
+        raise InputError(f"{path}: neither a training run folder (with hyperparams.yaml) nor "
+                         "one of its save/CKPT+... checkpoint folders")
+    for needed in (run_dir / "hyperparams.yaml", checkpoint / WEIGHTS_FILE):
+        if not needed.is_file():
+            raise InputError(f"{needed}: missing; the run folder is incomplete")
     yaml = YAML(typ="safe", pure=True)
     yaml.Constructor = _PlainConstructor
     hparams = yaml.load(run_dir / "hyperparams.yaml")
@@ -698,7 +717,14 @@ def load_gated_run(path):
         modules = build_asr_modules(**arch)
         if sites:
             insert_gates(modules, sites=sites, threshold=hparams.get("gate_threshold", 0.5))
-    modules.load_state_dict(state, strict=True)
+    try:
+        modules.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
+        raise InputError(
+            f"{checkpoint / WEIGHTS_FILE}: does not fit the model that "
+            f"{run_dir / 'hyperparams.yaml'} (arch) and {ARCH_FILE} describe: {first_lines}"
+        ) from None
     # The run's own tokenizer, or the one its YAML points to (a fine-tuned baseline uses its
     # dense run's; the path is relative to where training ran).
     folders = [run_dir / "save" / "tokenizer", Path(hparams.get("tokenizer_folder") or "")]

@@ -6,7 +6,7 @@ docs/FORMATS.md promises, and that the shrunk model decodes exactly as the gated
 """
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 
@@ -32,6 +32,11 @@ def test_training_run_writes_results_history_and_alignments(gated_run):
         assert results[key] not in (None, ""), key
     assert results["model_kind"] == "gated" and results["method"] == "adrop"
     assert {"total", "encoder", "decoder"} <= results["params"].keys()
+    # What the run saw: the tiny corpus's train split, 12 s and longer utterances skipped.
+    assert set(results["data"]) == {"train-clean-100", "dev-clean", "test-clean", "test-other"}
+    train = results["data"]["train-clean-100"]
+    assert train["utterances"] > 0 and train["skipped_too_long"] >= 0
+    assert "ranks" not in results  # a plain `python train.py`
     assert results["params"]["total"] == sum(
         results["params"][part] for part in ("encoder", "decoder", "ctc")
     )
@@ -72,6 +77,19 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     dashboard = gated_run / "dashboard"
     assert cli_main(["report", str(gated_run), "--out", str(dashboard)]) == 0
     assert (dashboard / "index.html").exists() and (dashboard / "runs.csv").exists()
+
+
+@pytest.mark.parametrize("missing", ["normalizer.ckpt", "tokenizer.ckpt", "arch.json",
+                                     "model.ckpt"])
+def test_decode_names_a_file_missing_from_the_compact_folder(gated_run, corpus, tmp_path,
+                                                             capsys, missing):
+    compact = tmp_path / "compact"
+    shutil.copytree(gated_run / "compact", compact)
+    (compact / missing).unlink()
+    assert cli_main(["decode", str(compact), "--data-folder", str(corpus)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: {compact / missing}: missing from the compact model folder; "
+                     "write the folder again with `conformer-prune shrink`"]
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):

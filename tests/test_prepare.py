@@ -197,6 +197,41 @@ def test_stereo(corpus, tmp_path):
     expect_error(corpus, tmp_path, bad.resolve(), "2 channels; expected mono")
 
 
+def test_truncated_audio(corpus, tmp_path):
+    """A copy cut short keeps a header that promises every sample: the end is read to tell."""
+    bad = chapter(corpus) / "19-198-0000.flac"
+    write_flac(bad, 2.0)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) * 3 // 4])
+    expect_error(corpus, tmp_path, bad.resolve(), "truncated or corrupt audio")
+
+
+def test_audio_without_samples(corpus, tmp_path):
+    bad = chapter(corpus) / "19-198-0000.flac"
+    soundfile.write(bad, np.zeros(0), SR, format="WAV")  # FLAC cannot hold 0 samples
+    expect_error(corpus, tmp_path, bad.resolve(), "no samples")
+
+
+def test_audio_that_is_not_flac(corpus, tmp_path):
+    flac = chapter(corpus) / "19-198-0000.flac"
+    wav = flac.with_suffix(".wav")
+    soundfile.write(wav, soundfile.read(flac)[0], SR)
+    flac.unlink()
+    expect_error(corpus, tmp_path, wav.resolve(), "not FLAC")
+
+
+def test_non_ascii_transcripts_are_kept_and_counted(corpus, tmp_path, caplog):
+    trans = chapter(corpus) / "19-198.trans.txt"
+    lines = trans.read_text().splitlines()
+    utt_id, words = lines[0].split(maxsplit=1)
+    trans.write_text("\n".join([f"{utt_id} CAFÉ {words}", *lines[1:]]) + "\n")
+    with caplog.at_level("INFO"):
+        prepare(corpus, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "dev-clean.csv")
+    assert any(row[-1].startswith("CAFÉ ") for row in rows)
+    assert "dev-clean: 1 transcripts have characters outside ASCII (kept): 'É' x1" in caplog.text
+
+
 def make_cli():
     parser = argparse.ArgumentParser(prog="conformer-prune")
     add_parser(parser.add_subparsers(dest="command", required=True))

@@ -188,3 +188,107 @@ def test_a_save_that_fails_half_way_is_never_loaded_and_is_removed(tmp_path):
     assert checkpointer.recover_if_possible().path == good.path
     assert not half[0].exists()  # removed, with a warning naming it
     assert torch.equal(layer.weight, torch.load(good.path / "a_layer.ckpt")["weight"])
+
+
+# ----- bad input at every stage (docs/RELIABILITY.md) ----------------------------------------
+
+DENSE = "hparams/mini/conformer_dense.yaml"
+
+
+@pytest.fixture(scope="module")
+def dense_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "dense"
+    train_tiny(DENSE, corpus, run_dir, 1)
+    return run_dir
+
+
+def _train_fails(yaml, corpus, run_dir, *overrides, **arch):
+    command = [sys.executable, *tiny_arguments(yaml, corpus, run_dir, 2, *overrides, **arch)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_with_another_architecture_or_method_is_one_clear_error(dense_run, corpus):
+    before = sorted(path.name for path in (dense_run / "save").iterdir())
+    wider = _train_fails(DENSE, corpus, dense_run, arch=_tiny_arch(d_ffn=96))
+    assert wider.startswith(f"error: {dense_run / 'save'}/CKPT+")
+    assert "does not fit the run's model or method" in wider and "size mismatch" in wider
+    gated = _train_fails(GATED, corpus, dense_run)
+    assert "does not fit the run's model or method" in gated and "gate.logits" in gated
+    # Nothing lost: the checkpoints are all still there.
+    assert sorted(path.name for path in (dense_run / "save").iterdir()) == before
+
+
+def _tiny_arch(**changes):
+    from tiny_runs import TINY_ARCH
+    arch = TINY_ARCH
+    for key, value in changes.items():
+        head, _, tail = arch.partition(f"{key}: ")
+        arch = head + f"{key}: {value}" + tail[tail.index(","):]
+    return arch
+
+
+def test_a_method_checkpoint_of_another_method_is_named(tmp_path):
+    from conformer_prune.errors import InputError
+    from conformer_prune.gates import RetentionRegulariser, TargetSchedule
+    from conformer_prune.methods.adaptive_dropout import AdaptiveDropoutMethod
+
+    Dense()._save(tmp_path / "method.ckpt")
+    adrop = AdaptiveDropoutMethod(RetentionRegulariser(1.0, TargetSchedule()),
+                                  torch.optim.Adam)
+    with pytest.raises(InputError, match=r"method.ckpt: checkpoint of method dense \(dense\), "
+                                         r"but this run's YAML declares adrop"):
+        adrop._load(tmp_path / "method.ckpt")
+
+
+def test_shrink_names_a_missing_or_foreign_checkpoint(dense_run, tmp_path):
+    import shutil
+
+    from conformer_prune.cli import main as cli_main
+
+    missing = tmp_path / "missing"
+    shutil.copytree(dense_run, missing)
+    for weights in (missing / "save").glob("CKPT+*/model.ckpt"):
+        weights.unlink()
+    assert cli_main(["shrink", str(missing), "--out", str(tmp_path / "a")]) == 1
+    foreign = tmp_path / "foreign"
+    shutil.copytree(dense_run, foreign)
+    yaml = foreign / "hyperparams.yaml"
+    yaml.write_text(yaml.read_text().replace("d_ffn: 64", "d_ffn: 96"))
+    assert cli_main(["shrink", str(foreign), "--out", str(tmp_path / "b")]) == 1
+    assert cli_main(["shrink", str(tmp_path), "--out", str(tmp_path / "c")]) == 1
+
+
+def test_shrink_errors_are_one_line_naming_the_file(dense_run, tmp_path, capsys):
+    import shutil
+
+    from conformer_prune.cli import main as cli_main
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(dense_run, foreign)
+    yaml = foreign / "hyperparams.yaml"
+    yaml.write_text(yaml.read_text().replace("d_ffn: 64", "d_ffn: 96"))
+    assert cli_main(["shrink", str(foreign), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: {foreign}/save/CKPT+")
+    assert "model.ckpt: does not fit the model" in error[0]
+
+
+def test_audio_damaged_after_preparation_names_the_file(tmp_path):
+    import speechbrain as sb
+
+    from conformer_prune.asr_brain import add_pipelines
+    from conformer_prune.errors import InputError
+
+    class Pieces:  # the two tokenizer calls the text pipeline makes
+        def encode_as_ids(self, words):
+            return [3] * len(words)
+
+    wav = tmp_path / "1-2-0000.flac"
+    wav.write_bytes(b"damaged since preparation")
+    dataset = sb.dataio.dataset.DynamicItemDataset(
+        {"1-2-0000": {"wav": str(wav), "wrd": "HELLO", "duration": 1.0}})
+    add_pipelines([dataset], Pieces(), 1, 2)
+    with pytest.raises(InputError, match=r"1-2-0000.flac: cannot read audio .*prepare"):
+        dataset[0]

@@ -15,11 +15,11 @@ TINY_ARCH = (
 SMALL_BATCHES = "{max_batch_length: 8, num_buckets: 4, shuffle: True, batch_ordering: random}"
 
 
-def tiny_arguments(yaml, corpus, run_dir, epochs, *overrides):
+def tiny_arguments(yaml, corpus, run_dir, epochs, *overrides, arch=TINY_ARCH):
     return [
         "train.py", yaml,
         f"--data_folder={corpus}", f"--output_folder={run_dir}",
-        f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={TINY_ARCH}",
+        f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={arch}",
         "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *overrides,
     ]
 

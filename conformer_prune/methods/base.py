@@ -22,8 +22,12 @@ The training Brain calls these hooks and nothing else of a method:
 sites and shrink, never the training code.
 """
 
+from pathlib import Path
+
 import torch
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+
+from conformer_prune.errors import InputError
 
 
 @register_checkpoint_hooks
@@ -73,11 +77,24 @@ class PruningMethod:
 
     @mark_as_saver
     def _save(self, path):
-        torch.save(self.state_dict(), path)
+        # The method's name goes with its state, so that a run started again with another
+        # method in the same folder is told so instead of loading foreign state.
+        torch.save({"method": self.name, "kind": self.kind, "state": self.state_dict()}, path)
 
     @mark_as_loader
     def _load(self, path, end_of_epoch=False):
-        self.load_state_dict(torch.load(path, map_location="cpu"))
+        saved = torch.load(path, map_location="cpu")
+        if set(saved) == {"method", "kind", "state"}:
+            if (saved["method"], saved["kind"]) != (self.name, self.kind):
+                raise InputError(
+                    f"{path}: checkpoint of method {saved['method']} ({saved['kind']}), but "
+                    f"this run's YAML declares {self.name} ({self.kind}); use another "
+                    f"--output_folder, or remove {Path(path).parent.parent} to start over")
+            saved = saved["state"]
+        try:
+            self.load_state_dict(saved)
+        except (KeyError, ValueError) as err:
+            raise InputError(f"{path}: not the state of method {self.name} ({err})") from None
 
     def describe(self):
         """{"name", "kind", "settings"}: how results.json records the method."""

@@ -1,0 +1,10 @@
+"""The error for input a user can fix: a file, a setting, a checkpoint that does not fit.
+
+Its message names the item (file, line, YAML key) and what was expected; the command line
+(`conformer-prune`, `train.py`) prints it as one `error:` line instead of a traceback. A bug
+in the code still raises whatever it raises, with its traceback.
+"""
+
+
+class InputError(ValueError):
+    """Bad input, named in the message; see docs/RELIABILITY.md for every case handled."""

@@ -41,7 +41,15 @@ class SafeCheckpointer(Checkpointer):
         self._pending_meta = None
 
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
-        checkpoint = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
+        try:
+            checkpoint = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
+        except OSError as err:  # a full disk, a quota, a folder gone
+            folder = self._pending_meta.parent if self._pending_meta else self.checkpoints_dir
+            self._pending_meta = None
+            raise InputError(
+                f"{folder}: saving the checkpoint failed ({err.strerror or err}); it is "
+                "incomplete and will not be loaded. The previous checkpoints are intact: free "
+                "space and run the same command again to resume from the last one") from None
         if if_main_process() and self._pending_meta is not None:
             _fsync_folder_files(self._pending_meta.parent)
             os.replace(self._pending_meta, self._pending_meta.parent / METAFNAME)

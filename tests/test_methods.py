@@ -18,6 +18,7 @@ from conformer_prune.methods.structured_magnitude import (
     keep_global,
     keep_widths_of,
 )
+from conformer_prune.errors import InputError
 from conformer_prune.model import build_asr_modules, count_params, param_state
 from conformer_prune.shrink import apply_widths, save_compact, shrink_modules
 from conformer_prune.sites import (
@@ -195,10 +196,23 @@ def test_structured_magnitude_prunes_a_dense_run_and_loads_its_normaliser(tmp_pa
     assert all(torch.equal(t, got[k]) for k, t in expected.state_dict().items())
     assert encoder_count(fresh["asr"]) == encoder_params_of(compact_dir)
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint under save/"):
+    # Bad input names the item (docs/RELIABILITY.md).
+    with pytest.raises(InputError, match="no checkpoint under save/"):
         StructuredMagnitude(dense_run=str(tmp_path / "none"), widths_from="x").attach(fresh)
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(InputError, match="exactly one of"):
         StructuredMagnitude(dense_run=str(run_dir))
+    with pytest.raises(InputError, match=r"/x: missing; expected the arch.json"):
+        StructuredMagnitude(dense_run=str(run_dir), widths_from=str(tmp_path / "x")).attach(
+            {"asr": build_asr_modules(**ARCH), "normalize": InputNormalization()})
+    (tmp_path / "broken.json").write_text("{arch:")
+    with pytest.raises(InputError, match=r"broken.json: not valid JSON"):
+        StructuredMagnitude(dense_run=str(run_dir), widths_from=str(tmp_path / "broken.json")
+                            ).attach({"asr": build_asr_modules(**ARCH),
+                                      "normalize": InputNormalization()})
+    wider = build_asr_modules(**{**ARCH, "d_ffn": ARCH["d_ffn"] * 2})
+    with pytest.raises(InputError, match=r"model.ckpt: the dense run's model does not fit"):
+        StructuredMagnitude(dense_run=str(run_dir), widths_from=str(compact_dir)).attach(
+            {"asr": wider, "normalize": InputNormalization()})
 
 
 # --------------------------------------------------------------------- a new method plugs in

@@ -197,6 +197,12 @@ def test_stereo(corpus, tmp_path):
     expect_error(corpus, tmp_path, bad.resolve(), "2 channels; expected mono")
 
 
+def test_transcript_that_is_not_utf8(corpus, tmp_path):
+    trans = chapter(corpus) / "19-198.trans.txt"
+    trans.write_bytes(trans.read_bytes().replace(b"19-198-0000 ", b"19-198-0000 CAF\xc9 "))
+    expect_error(corpus, tmp_path, trans.resolve(), "not valid UTF-8 text")
+
+
 def test_truncated_audio(corpus, tmp_path):
     """A copy cut short keeps a header that promises every sample: the end is read to tell."""
     bad = chapter(corpus) / "19-198-0000.flac"

@@ -13,6 +13,7 @@ for the same number of updates, the pruning found an architecture, not weights. 
 
 import torch
 
+from conformer_prune.errors import InputError
 from conformer_prune.methods.base import PruningMethod
 from conformer_prune.methods.structured_magnitude import (
     read_arch_file,
@@ -65,8 +66,8 @@ class CompactFromScratch(PruningMethod):
 
     def __init__(self, widths_from=None, uniform_params_from=None, name=None):
         if (widths_from is None) == (uniform_params_from is None):
-            raise ValueError("CompactFromScratch: give exactly one of widths_from, "
-                             "uniform_params_from")
+            raise InputError("CompactFromScratch: give exactly one of widths_from, "
+                             "uniform_params_from (the method's keys in the YAML)")
         self.widths_from = widths_from
         self.uniform_params_from = uniform_params_from
         self.name = name or ("scratch_widths" if widths_from else "scratch_uniform")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
+from conformer_prune.errors import InputError
 from conformer_prune.methods.base import PruningMethod
 from conformer_prune.model import count_params, param_state
 from conformer_prune.shrink import build_compact, shrink_modules
@@ -38,8 +39,8 @@ def last_checkpoint(run_dir):
     """The latest checkpoint folder of a training run (the end of its training)."""
     checkpoint = Checkpointer(Path(run_dir) / "save").find_checkpoint()
     if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint under save/ (train the dense run "
-                                "first: python train.py hparams/mini/conformer_dense.yaml)")
+        raise InputError(f"{run_dir}: no checkpoint under save/ (train the dense run "
+                         "first: python train.py hparams/mini/conformer_dense.yaml)")
     return checkpoint.path
 
 
@@ -49,11 +50,14 @@ def read_arch_file(path):
     if path.is_dir():
         path = path / "arch.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; expected the arch.json of a shrunk model "
-                                "(conformer-prune shrink RUN --out DIR)")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if "arch" not in saved or "widths" not in saved:
-        raise ValueError(f"{path}: expected keys 'arch' and 'widths', got {sorted(saved)}")
+        raise InputError(f"{path}: missing; expected the arch.json of a shrunk model "
+                         "(conformer-prune shrink RUN --out DIR)")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(saved, dict) or "arch" not in saved or "widths" not in saved:
+        raise InputError(f"{path}: expected an object with keys 'arch' and 'widths'")
     return saved
 
 
@@ -148,7 +152,8 @@ class StructuredMagnitude(PruningMethod):
 
     def __init__(self, dense_run, widths_from=None, params_from=None, name=None):
         if (widths_from is None) == (params_from is None):
-            raise ValueError("StructuredMagnitude: give exactly one of widths_from, params_from")
+            raise InputError("StructuredMagnitude: give exactly one of widths_from, params_from "
+                             "(the method's keys in the YAML)")
         self.dense_run = str(dense_run)
         self.widths_from = widths_from
         self.params_from = params_from
@@ -161,7 +166,13 @@ class StructuredMagnitude(PruningMethod):
         checkpoint = last_checkpoint(self.dense_run)
         state = torch.load(checkpoint / "model.ckpt", map_location="cpu")
         asr = modules["asr"]
-        asr.load_state_dict(state, strict=True)
+        try:
+            asr.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
+            raise InputError(f"{checkpoint / 'model.ckpt'}: the dense run's model does not fit "
+                             f"this YAML's arch (a gated or other-size run?): {first_lines}"
+                             ) from None
         normalizer = checkpoint / "normalizer.ckpt"
         if normalizer.exists():
             modules["normalize"]._load(normalizer)

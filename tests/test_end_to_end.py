@@ -7,11 +7,12 @@ docs/FORMATS.md promises, and that the shrunk model decodes exactly as the gated
 
 import json
 import shutil
+import sys
 
 import pytest
 
 from conformer_prune.cli import main as cli_main
-from tiny_runs import train_tiny
+from tiny_runs import free_port, train_tiny
 
 def train_tiny_gated(corpus, run_dir, epochs):
     # Gates start at the threshold so that one short epoch already closes some of them.
@@ -123,6 +124,15 @@ def test_structured_baselines_train_at_the_gated_model_size(gated_run, corpus, t
         assert results["params"]["decoder"] == target["decoder"]
     widths = json.loads((runs["magnitude_widths"] / "results.json").read_text())["widths"]
     assert widths == json.loads((compact / "arch.json").read_text())["widths"]
+
+    # The compact modules (ragged heads, phantom LayerNorm) train under torchrun too, every
+    # parameter reached by DDP's reduction and the ranks ending identical.
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port", str(free_port()))
+    train_tiny("hparams/mini/conformer_magnitude_widths.yaml", corpus, tmp_path / "ddp", 1,
+               f"--adrop_compact={compact}", f"--dense_run={dense}", launcher=torchrun)
+    ranks = json.loads((tmp_path / "ddp" / "results.json").read_text())["ranks"]
+    assert ranks["agree"] and ranks["world_size"] == 2
 
     # A baseline run exports like a gated one, and its inference folder decodes alike.
     run = runs["scratch_uniform"]

@@ -5,7 +5,6 @@ run that was not killed ends (issue 16)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from conformer_prune.checkpoints import SafeCheckpointer
 from conformer_prune.errors import InputError
 from conformer_prune.ranks import compare_ranks
 from conformer_prune.methods import Dense
-from tiny_runs import ROOT, SMALL_BATCHES, tiny_arguments, train_tiny
+from tiny_runs import ROOT, SMALL_BATCHES, free_port, tiny_arguments, train_tiny
 
 GATED = "hparams/mini/conformer_adrop.yaml"
 # Gates that start at their threshold, so that a short run already moves the gate decisions.
@@ -38,7 +37,7 @@ def test_torchrun_two_processes_train_the_real_recipe_and_end_identical(corpus, 
     schedule clock counts one rank's steps, the ranks end with the same state, rank 0 writes."""
     run_dir = tmp_path / "ddp"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port", str(_free_port()))
+                "--master_port", str(free_port()))
     train_tiny(GATED, corpus, run_dir, 2, *GATE_ARGS, f"--dynamic_batching={SMALL_BATCHES}",
                launcher=torchrun)
     results = json.loads((run_dir / "results.json").read_text())
@@ -51,7 +50,7 @@ def test_torchrun_two_processes_train_the_real_recipe_and_end_identical(corpus, 
 
 
 def test_ranks_that_drift_apart_are_an_error_naming_the_part(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_compare_different_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
@@ -73,12 +72,6 @@ def _compare_different_ranks(rank, port, out_dir):
             out.write(message)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----- kill and resume -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`python train.py <yaml>` (or torchrun) with a tiny model on the tiny built corpus (conftest.py),
 as a user runs it: shared by the end-to-end and the reliability tests."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,10 @@ def train_tiny(yaml, corpus, run_dir, epochs, *overrides, launcher=(sys.executab
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
+
+
+def free_port():
+    """A free local port for torchrun's rendezvous (tests may run beside other torchruns)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -122,7 +122,9 @@ class ASRBrain(sb.core.Brain):
         (`method.optimizers`, e.g. the gate logits') do not take; each is checkpointed."""
         extra = self.method.optimizers(self.plain_modules)
         if not extra:
-            return super().init_optimizers()
+            super().init_optimizers()
+            self._hook_method_after_optimizer_step()
+            return
         owned = {id(p) for opt in extra.values() for group in opt.param_groups
                  for p in group["params"]}
         model_params = [p for p in self.modules.parameters() if id(p) not in owned]
@@ -132,6 +134,19 @@ class ASRBrain(sb.core.Brain):
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
             for name, optimizer in extra.items():
                 self.checkpointer.add_recoverable(name, optimizer)
+        self._hook_method_after_optimizer_step()
+
+    def _hook_method_after_optimizer_step(self):
+        """Calls the method's `after_optimizer_step` after each step of the model optimiser,
+        before SpeechBrain clears the gradients (PyTorch's optimiser step hook)."""
+        def hook(optimizer, args, kwargs):
+            # The step being finished counts: progress as it is once optimizer_step is updated.
+            progress = min(1.0, (self.optimizer_step + 1) / max(1, self.total_train_steps))
+            self.method.after_optimizer_step(self.plain_modules, progress)
+
+        if getattr(self, "_after_step_hook", None) is not None:
+            self._after_step_hook.remove()
+        self._after_step_hook = self.optimizer.register_step_post_hook(hook)
 
     # ----- checkpointed state ---------------------------------------------------------------
 

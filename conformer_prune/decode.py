@@ -20,7 +20,7 @@ from speechbrain.utils.train_logger import FileTrainLogger
 
 from conformer_prune.asr_brain import ASRBrain, add_pipelines, csv_dataset, evaluate_splits
 from conformer_prune.errors import InputError
-from conformer_prune.model import count_params
+from conformer_prune.model import count_params, load_weights
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.scoring import git_commit, hparams_sha256, read_results, write_results
 from conformer_prune.shrink import INFERENCE_FILES, _require_files
@@ -92,7 +92,7 @@ def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, 
         "model_kind": "shrunk",
         "git_commit": git_commit(),
         "hparams_sha256": hparams_sha256(model_dir / "hyperparams.yaml"),
-        "params": count_params(torch.load(model_dir / "model.ckpt", map_location="cpu")),
+        "params": count_params(load_weights(model_dir / "model.ckpt")),
         "decode": decode,
         "splits": splits_result,
     }

@@ -5,6 +5,7 @@ training YAML (through `!apply:`) and the compact checkpoint, which stores those
 `arch.json` and rebuilds the model without the training configuration.
 """
 
+import numpy as np
 import torch
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
@@ -84,6 +85,12 @@ class ConformerASR(torch.nn.ModuleDict):
     `CNN.*`, `Transformer.*`, `ctc_lin.*`, `seq_lin.*`.
     """
 
+    def __init__(self, modules=None):
+        super().__init__(modules)
+        # Accept the bitmask-sparse tensors of a saved model (encode_sparse) wherever a state
+        # dict is loaded, SpeechBrain's Pretrainer included.
+        self._register_load_state_dict_pre_hook(_dense_entries)
+
     def forward(self, feats, tokens_bos, wav_lens, pad_idx=0):
         """Encoder output, CTC logits and decoder logits (teacher forcing on tokens_bos)."""
         enc_out, dec_out = self["Transformer"](self["CNN"](feats), tokens_bos, wav_lens,
@@ -144,3 +151,58 @@ def _is_buffer_key(key):
 def param_state(modules):
     """The parameters (no buffers) of a module, as a name -> tensor mapping."""
     return dict(modules.named_parameters())
+
+
+# ----- sparse storage ------------------------------------------------------------------------
+# Why by hand: torch's sparse layouts store an int64 index per non-zero (COO: one per dimension,
+# CSR: one per entry), 8-16 bytes on top of each 4-byte value, so they only save space above
+# 67-80% zeros; a bitmask costs 1 bit per entry and saves space from about 3% zeros.
+
+SPARSE_FORMAT = "bitmask"
+
+
+def encode_sparse(state, min_zero_fraction=0.1):
+    """A state dict whose tensors with at least `min_zero_fraction` exact zeros are stored as
+    {"format": "bitmask", "shape", "bits" (packed non-zero mask), "values" (the non-zeros)}."""
+    encoded = {}
+    for key, tensor in state.items():
+        zeros = tensor.numel() - int(torch.count_nonzero(tensor)) if tensor.numel() else 0
+        if tensor.is_floating_point() and tensor.numel() and zeros / tensor.numel() >= \
+                min_zero_fraction:
+            mask = (tensor != 0).flatten()
+            encoded[key] = {
+                "format": SPARSE_FORMAT,
+                "shape": list(tensor.shape),
+                "bits": torch.from_numpy(np.packbits(mask.numpy())),
+                "values": tensor.flatten()[mask].clone(),
+            }
+        else:
+            encoded[key] = tensor
+    return encoded
+
+
+def decode_sparse(state):
+    """The plain state dict of `encode_sparse`'s output (tensors pass through)."""
+    return {key: _dense(value) if _is_sparse(value) else value for key, value in state.items()}
+
+
+def load_weights(path):
+    """A saved model's state dict (model.ckpt), sparse entries made dense."""
+    return decode_sparse(torch.load(path, map_location="cpu"))
+
+
+def _is_sparse(value):
+    return isinstance(value, dict) and value.get("format") == SPARSE_FORMAT
+
+
+def _dense(entry):
+    numel = int(np.prod(entry["shape"])) if entry["shape"] else 1
+    mask = torch.from_numpy(np.unpackbits(entry["bits"].numpy(), count=numel).astype(bool))
+    dense = torch.zeros(numel, dtype=entry["values"].dtype)
+    dense[mask] = entry["values"]
+    return dense.view(entry["shape"])
+
+
+def _dense_entries(state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_sparse(state_dict[k])]:
+        state_dict[key] = _dense(state_dict[key])

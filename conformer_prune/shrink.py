@@ -36,7 +36,13 @@ from conformer_prune.gated_conformer import (
     relpos_attention,
     set_threshold,
 )
-from conformer_prune.model import build_asr_modules, count_params, param_state
+from conformer_prune.model import (
+    build_asr_modules,
+    count_params,
+    encode_sparse,
+    load_weights,
+    param_state,
+)
 from conformer_prune.sites import MODULE_PATHS, check_keep, encoder_layers, module_keep
 
 # -------------------------------------------------------------------------- compact modules
@@ -496,12 +502,14 @@ def build_compact(arch, widths):
 
 
 def save_compact(out_dir, modules, arch, widths):
-    """Writes arch.json ({"arch": build_asr_modules kwargs, "widths": ...}) and model.ckpt."""
+    """Writes arch.json ({"arch": build_asr_modules kwargs, "widths": ...}) and model.ckpt,
+    tensors with many exact zeros (unstructured pruning) stored as a bitmask and their
+    non-zero values (model.encode_sparse)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ARCH_FILE, "w", encoding="utf-8") as f:
         json.dump({"arch": arch, "widths": widths}, f, indent=1)
-    torch.save(modules.state_dict(), out_dir / WEIGHTS_FILE)
+    torch.save(encode_sparse(modules.state_dict()), out_dir / WEIGHTS_FILE)
 
 
 def _require_files(folder, names):
@@ -519,7 +527,7 @@ def load_compact(path):
     with open(path / ARCH_FILE, encoding="utf-8") as f:
         saved = json.load(f)
     modules = build_compact(saved["arch"], saved["widths"])
-    state = torch.load(path / WEIGHTS_FILE, map_location="cpu")
+    state = load_weights(path / WEIGHTS_FILE)
     expected = modules.state_dict()
     for key, tensor in state.items():
         if key in expected and expected[key].shape != tensor.shape:
@@ -789,10 +797,22 @@ def shrink_run(path, out_dir, threshold=None):
         "threshold": threshold if threshold is not None else run["hparams"].get("gate_threshold"),
         "params": {"before": before, "after": _parts(count_params(param_state(modules)))},
         "widths": widths,
+        "bytes": storage_bytes(modules, Path(out_dir) / WEIGHTS_FILE),
     }
     with open(Path(out_dir) / "shrink_report.json", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def storage_bytes(modules, weights_file):
+    """{"model_ckpt": bytes of the written model.ckpt, "dense_tensors": bytes its tensors take
+    stored dense, "nonzero_values": bytes of their non-zero entries alone}."""
+    tensors = list(modules.state_dict().values())
+    return {
+        "model_ckpt": Path(weights_file).stat().st_size,
+        "dense_tensors": sum(t.numel() * t.element_size() for t in tensors),
+        "nonzero_values": sum(int(torch.count_nonzero(t)) * t.element_size() for t in tensors),
+    }
 
 
 def add_parser(subparsers):
@@ -816,5 +836,8 @@ def run(args):
     before, after = report["params"]["before"], report["params"]["after"]
     for part in before:
         print(f"{part}: {before[part]} -> {after[part]} parameters")
+    sizes = report["bytes"]
+    print(f"model.ckpt: {sizes['model_ckpt']:,} bytes (tensors stored dense: "
+          f"{sizes['dense_tensors']:,}; their non-zero values alone: {sizes['nonzero_values']:,})")
     print(f"wrote {args.out}")
     return 0

@@ -11,6 +11,9 @@ The training Brain calls these hooks and nothing else of a method:
     penalty(modules, progress)      a loss term (tensor) or None; progress in [0, 1] is the
                                     fraction of all optimiser steps done.
     after_step(modules, progress)   after every optimiser step (masks, scores, schedules).
+    after_optimizer_step(modules, progress)
+                                    right after the model optimiser's step, gradients still
+                                    in .grad (gradient-based importance scores, masking).
     keep_masks(modules)             what the method hands over to the shrink:
                                     {(layer, site): bool mask} (sites.py), or None.
     epoch_summary(modules, progress) extra fields of the epoch's history.jsonl line.
@@ -53,6 +56,11 @@ class PruningMethod:
         return None
 
     def after_step(self, modules, progress):
+        return None
+
+    def after_optimizer_step(self, modules, progress):
+        """Right after the model optimiser's step, while `.grad` still holds the step's
+        (clipped) gradients: where importance scores that read gradients are updated."""
         return None
 
     def keep_masks(self, modules):

@@ -44,6 +44,24 @@ def last_checkpoint(run_dir):
     return checkpoint.path
 
 
+def load_dense_run(modules, dense_run):
+    """Loads the dense run's last checkpoint (model and feature normaliser) into the Brain's
+    modules: the start of every prune-then-fine-tune method. Returns the checkpoint folder."""
+    checkpoint = last_checkpoint(dense_run)
+    state = torch.load(checkpoint / "model.ckpt", map_location="cpu")
+    try:
+        modules["asr"].load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
+        raise InputError(f"{checkpoint / 'model.ckpt'}: the dense run's model does not fit "
+                         f"this YAML's arch (a gated or other-size run?): {first_lines}"
+                         ) from None
+    normalizer = checkpoint / "normalizer.ckpt"
+    if normalizer.exists():
+        modules["normalize"]._load(normalizer)
+    return checkpoint
+
+
 def read_arch_file(path):
     """{"arch", "widths"} of a compact model folder's arch.json (or the file itself)."""
     path = Path(path)
@@ -163,19 +181,8 @@ class StructuredMagnitude(PruningMethod):
         self.size_target = None
 
     def attach(self, modules):
-        checkpoint = last_checkpoint(self.dense_run)
-        state = torch.load(checkpoint / "model.ckpt", map_location="cpu")
+        checkpoint = load_dense_run(modules, self.dense_run)
         asr = modules["asr"]
-        try:
-            asr.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
-            raise InputError(f"{checkpoint / 'model.ckpt'}: the dense run's model does not fit "
-                             f"this YAML's arch (a gated or other-size run?): {first_lines}"
-                             ) from None
-        normalizer = checkpoint / "normalizer.ckpt"
-        if normalizer.exists():
-            modules["normalize"]._load(normalizer)
         self.size_target = size_target(self.widths_from or self.params_from)
         if self.widths_from:
             keep = keep_widths_of(asr, read_arch_file(self.widths_from)["widths"])

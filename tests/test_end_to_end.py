@@ -12,12 +12,19 @@ import sys
 import pytest
 
 from conformer_prune.cli import main as cli_main
-from tiny_runs import free_port, train_tiny
+from tiny_runs import SMALL_BATCHES, TINY_ARCH_JSON, free_port, train_tiny
 
 def train_tiny_gated(corpus, run_dir, epochs):
     # Gates start at the threshold so that one short epoch already closes some of them.
     train_tiny("hparams/mini/conformer_adrop.yaml", corpus, run_dir, epochs,
                "--gate_threshold=0.9", "--gate_init_retention=0.9")
+
+
+@pytest.fixture(scope="module")
+def dense_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "dense"
+    train_tiny("hparams/mini/conformer_dense.yaml", corpus, run_dir, 1)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +107,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
 
 
-def test_structured_baselines_train_at_the_gated_model_size(gated_run, corpus, tmp_path):
+def test_structured_baselines_train_at_the_gated_model_size(gated_run, dense_run, corpus,
+                                                            tmp_path):
     """Dense run, then the magnitude and from-scratch baselines matched to the shrunk gated
     model, each through `python train.py <yaml>`; results.json says what each was matched to."""
     compact = gated_run / "compact"
     if not (compact / "arch.json").exists():
         assert cli_main(["shrink", str(gated_run), "--out", str(compact)]) == 0
-    dense = tmp_path / "dense"
-    train_tiny("hparams/mini/conformer_dense.yaml", corpus, dense, 1)
+    dense = dense_run
     runs = {}
     for name in ("magnitude_widths", "magnitude_global", "scratch_uniform"):
         runs[name] = tmp_path / name
@@ -148,3 +155,41 @@ def test_structured_baselines_train_at_the_gated_model_size(gated_run, corpus, t
                      "--out", str(dashboard)]) == 0
     table = (dashboard / "runs.md").read_text()
     assert "magnitude_global" in table and "within 2%" in table
+
+
+def test_unstructured_pruning_leaves_exact_zeros_stored_sparse_that_decode_alike(
+        dense_run, corpus, tmp_path):
+    """SEVEN from the dense run to 30% of the encoder layers' weight matrices: the saved model
+    has exactly that many non-zeros, results.json counts them, the compact folder stores them
+    as bitmask + values in fewer bytes, and it decodes to the run's own WER."""
+    import torch
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from conformer_prune.methods.unstructured import scored_parameters
+    from conformer_prune.model import build_asr_modules
+
+    run = tmp_path / "seven"
+    train_tiny("hparams/mini/conformer_seven.yaml", corpus, run, 2, f"--dense_run={dense_run}",
+               "--prune_final_keep=0.3", f"--dynamic_batching={SMALL_BATCHES}")
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == "seven" and results["model_kind"] == "sparse"
+    sparsity = results["sparsity"]
+    assert sparsity["scored_nonzero"] == round(0.3 * sparsity["scored"])
+
+    checkpoint = Checkpointer(run / "save").find_checkpoint().path  # the latest
+    model = build_asr_modules(**json.loads(TINY_ARCH_JSON))
+    model.load_state_dict(torch.load(checkpoint / "model.ckpt"))
+    scored = scored_parameters(model)
+    assert sum(int(torch.count_nonzero(p)) for _, p in scored) == sparsity["scored_nonzero"]
+    zeros = sparsity["scored"] - sparsity["scored_nonzero"]
+    assert results["params"]["total"] - results["params"]["nonzero"] >= zeros
+
+    compact = run / "compact"
+    assert cli_main(["shrink", str(run), "--out", str(compact)]) == 0
+    sizes = json.loads((compact / "shrink_report.json").read_text())["bytes"]
+    assert sizes["model_ckpt"] < sizes["dense_tensors"]
+    assert cli_main(["decode", str(compact), "--data-folder", str(corpus)]) == 0
+    decoded = json.loads((compact / "results.json").read_text())
+    assert decoded["params"]["nonzero"] == results["params"]["nonzero"]
+    for split in ("test-clean", "test-other"):
+        assert decoded["splits"][split]["wer"] == results["splits"][split]["wer"], split

@@ -12,6 +12,12 @@ TINY_ARCH = (
     "num_decoder_layers: 1, d_ffn: 64, kernel_size: 7, dropout: 0.1, activation: gelu, "
     "cnn_channels: [8, 8, 8]}"
 )
+# The same architecture as JSON (build_asr_modules keyword arguments).
+TINY_ARCH_JSON = (
+    '{"vocab_size": 40, "n_mels": 80, "d_model": 32, "nhead": 2, "num_encoder_layers": 2, '
+    '"num_decoder_layers": 1, "d_ffn": 64, "kernel_size": 7, "dropout": 0.1, '
+    '"activation": "gelu", "cnn_channels": [8, 8, 8]}'
+)
 # Batches of at most 8 s: about 20 optimiser steps per epoch on the tiny corpus.
 SMALL_BATCHES = "{max_batch_length: 8, num_buckets: 4, shuffle: True, batch_ordering: random}"
 

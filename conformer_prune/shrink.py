@@ -668,6 +668,13 @@ class _PlainConstructor(SafeConstructor):
 
 _PlainConstructor.add_multi_constructor("!", lambda constructor, suffix, node: None)
 
+
+def plain_hparams(hparams_file):
+    """A run's resolved hyperparams.yaml as plain values (tagged objects read as None)."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.Constructor = _PlainConstructor
+    return yaml.load(Path(hparams_file))
+
 # Where each gate site leaves its mark in a gated state_dict.
 _SITE_KEYS = {
     "ffn": "ffn_module1.1.gate.logits",
@@ -708,9 +715,7 @@ def load_gated_run(path):
     for needed in (run_dir / "hyperparams.yaml", checkpoint / WEIGHTS_FILE):
         if not needed.is_file():
             raise InputError(f"{needed}: missing; the run folder is incomplete")
-    yaml = YAML(typ="safe", pure=True)
-    yaml.Constructor = _PlainConstructor
-    hparams = yaml.load(run_dir / "hyperparams.yaml")
+    hparams = plain_hparams(run_dir / "hyperparams.yaml")
     arch = hparams["arch"]
     state = torch.load(checkpoint / WEIGHTS_FILE, map_location="cpu")
     base_widths = None

@@ -148,4 +148,4 @@ def test_scored_tensors_are_the_encoder_layers_weight_matrices():
     assert names and all(name.startswith(("layer0.", "layer1.")) for name in names)
     assert any("ffn_module1" in n for n in names) and any("in_proj_weight" in n for n in names)
     assert any("convolution_module.conv.weight" in n for n in names)
-    assert not any(n.endswith("bias") or "norm" in n for n in names)
+    assert not any(n.endswith("bias") or "norm" in n or "pos_bias" in n for n in names)

@@ -5,7 +5,7 @@ feature normaliser), fine-tunes it, and zeroes single weights as training goes o
 
 - the scored tensors are the weight matrices of the Conformer encoder layers (both FFNs, the
   attention projections, the convolution module's pointwise and depthwise convolutions): every
-  parameter of an encoder layer with two or more dimensions. The same tensors for all three
+  weight of an encoder layer with two or more dimensions. The same tensors for all three
   methods, the region the structured methods prune too; biases, LayerNorms, the CNN front end,
   the decoder and the output layers are not scored (PLATON's code also scores biases; here the
   three methods compare on one set of tensors).
@@ -76,7 +76,9 @@ def scored_parameters(asr):
     found = []
     for i, layer in enumerate(encoder_layers(asr)):
         for name, param in layer.named_parameters():
-            if param.dim() >= 2 and "gate" not in name:
+            # Weight matrices and convolution kernels; not the attention's position biases
+            # (pos_bias_u/v, 2-D too), the biases, or the norms.
+            if param.dim() >= 2 and name.endswith("weight"):
                 found.append((f"layer{i}.{name}", param))
     return found
 

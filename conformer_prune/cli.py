@@ -9,7 +9,7 @@ import sys
 
 from conformer_prune.errors import InputError
 
-SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "report")
+SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "report", "delta")
 
 
 def build_parser():

@@ -193,3 +193,13 @@ def test_unstructured_pruning_leaves_exact_zeros_stored_sparse_that_decode_alike
     assert decoded["params"]["nonzero"] == results["params"]["nonzero"]
     for split in ("test-clean", "test-other"):
         assert decoded["splits"][split]["wer"] == results["splits"][split]["wer"], split
+
+    # The same run as a fine-tuned variant of the dense base, stored as a delta: with drop rate
+    # 0 the variant rebuilt from base + delta decodes exactly as the run did.
+    delta = tmp_path / "delta"
+    assert cli_main(["delta", "make", str(dense_run), str(run), "--drop", "0",
+                     "--out", str(delta)]) == 0
+    assert cli_main(["decode", str(delta / "model"), "--data-folder", str(corpus)]) == 0
+    variant = json.loads((delta / "model" / "results.json").read_text())
+    for split in ("test-clean", "test-other"):
+        assert variant["splits"][split]["wer"] == results["splits"][split]["wer"], split

@@ -77,19 +77,26 @@ def _compare_different_ranks(rank, port, out_dir):
 # ----- kill and resume -----------------------------------------------------------------------
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters_and_history(corpus, tmp_path):
+@pytest.mark.parametrize("method", ["adrop", "seven"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters_and_history(
+        method, corpus, tmp_path, request):
     """SIGKILL just after the first checkpoint inside epoch 1, then the same command again:
-    every file of both epochs' checkpoints (model, optimisers, scheduler, gate and method
-    state, normaliser, counters, RNG, data position) and history.jsonl equal those of an
-    uninterrupted run, bit for bit (one thread, CPU)."""
-    overrides = (*GATE_ARGS, f"--dynamic_batching={SMALL_BATCHES}", "--ckpt_interval_steps=3")
+    every file of both epochs' checkpoints (model, optimisers, scheduler, method state: gates
+    and alpha, or SEVEN's scores, moments and masks; normaliser, counters, RNG, data position)
+    and history.jsonl equal those of an uninterrupted run, bit for bit (one thread, CPU)."""
+    if method == "adrop":
+        yaml, method_args = GATED, GATE_ARGS
+    else:
+        yaml = "hparams/mini/conformer_seven.yaml"
+        method_args = (f"--dense_run={request.getfixturevalue('dense_run')}",)
+    overrides = (*method_args, f"--dynamic_batching={SMALL_BATCHES}", "--ckpt_interval_steps=3")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train_tiny(GATED, corpus, straight, 2, *overrides)
+    train_tiny(yaml, corpus, straight, 2, *overrides)
 
-    _kill_at_first_intra_epoch_checkpoint(tiny_arguments(GATED, corpus, killed, 2, *overrides),
+    _kill_at_first_intra_epoch_checkpoint(tiny_arguments(yaml, corpus, killed, 2, *overrides),
                                           killed)
     assert not (killed / "history.jsonl").exists()  # killed inside epoch 1
-    resumed = train_tiny(GATED, corpus, killed, 2, *overrides)
+    resumed = train_tiny(yaml, corpus, killed, 2, *overrides)
     assert "Loading a checkpoint from" in resumed.stdout + resumed.stderr
 
     for epoch in (1, 2):

@@ -6,10 +6,10 @@
 Prints both runs' test WERs, gate decisions and training length side by side and checks them
 against the tolerance stated below; exits 1 outside it. recipes/ddp_check.sh makes the two runs.
 
-Why a tolerance, not equality: with N ranks each optimiser step averages N per-rank batches, and
-the batches, dropout and gate noise each rank draws are not those of the single process (the
-recipe halves the per-rank batch so that the global batch and the number of steps match). The
-DDP run is therefore another draw of the same training, like another seed. The tolerance is
+Why a tolerance, not equality: the ranks train on the single process's batches (each takes a
+share of every batch, docs/RELIABILITY.md), but the dropout and gate noise each rank draws are
+not those of the single process, and the sums run in another order. The DDP run is therefore
+another draw of the same training, like another seed. The tolerance is
 the run-to-run spread measured on this recipe: the same seed with two threads instead of one
 (arithmetic in another order, nothing else changed) moved the dense model's test-clean WER by
 7.1 points (49.4 to 56.5, README "Results"). The shrunk encoder's size is printed but not held

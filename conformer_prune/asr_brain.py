@@ -148,6 +148,20 @@ class ASRBrain(sb.core.Brain):
             self._after_step_hook.remove()
         self._after_step_hook = self.optimizer.register_step_post_hook(hook)
 
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        """Under torchrun with a batch sampler (dynamic batching), every rank takes its share of
+        each of the single-process run's batches (SplitBatchesAcrossRanks), so that N processes
+        train on the same global batches, with the same number of steps, as one process.
+        SpeechBrain's own wrapper would instead hand whole batches to the ranks in turn: each
+        step then averages N different batches and there are N times fewer steps per epoch."""
+        batch_sampler = loader_kwargs.get("batch_sampler")
+        if not self.distributed_launch or batch_sampler is None:
+            return super()._train_loader_specifics(dataset, loader_kwargs)
+        self.train_sampler = SplitBatchesAcrossRanks(
+            batch_sampler, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        loader_kwargs["batch_sampler"] = self.train_sampler
+        return loader_kwargs
+
     # ----- checkpointed state ---------------------------------------------------------------
 
     @sb.utils.checkpoints.mark_as_saver
@@ -330,6 +344,32 @@ class ASRBrain(sb.core.Brain):
             )
 
 
+class SplitBatchesAcrossRanks:
+    """A batch sampler for one DDP rank: rank r of N takes items r, r + N, ... of every batch of
+    the wrapped batch sampler (the single-process run's batches, same order, same epochs).
+
+    DDP averages the ranks' gradients, each the mean over its share, so a step sees the whole
+    batch (weighted by share where a batch does not divide evenly). A batch with fewer items
+    than ranks gives the ranks that would get nothing its last item again: every rank must take
+    part in every step, or DDP waits for ever.
+    """
+
+    def __init__(self, batch_sampler, rank, world_size):
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            share = batch[self.rank::self.world_size]
+            yield share if share else batch[-1:]
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch):
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+
 def write_history_entry(history_file, entry):
     """Adds the epoch's line to history.jsonl, replacing a line of the same epoch: a run killed
     after writing it but before its checkpoint was complete trains that epoch again."""
@@ -369,14 +409,16 @@ def attach_method(hparams):
 def init_progress_clock(brain, train_data, hparams):
     """Tells the Brain how many optimiser steps the whole training has (regulariser clock)."""
     loader_opts = hparams["train_dataloader_opts"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "batch_sampler" in loader_opts:
+        # Under torchrun every rank takes a share of every batch (SplitBatchesAcrossRanks):
+        # as many steps as one process.
         batches = len(loader_opts["batch_sampler"])
     else:
-        batches = math.ceil(len(train_data) / loader_opts.get("batch_size", 1))
-    # Under torchrun each rank gets every world_size-th batch (SpeechBrain's
-    # DistributedSamplerWrapper, which pads to equal shares): the clock counts one rank's steps.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(batches / world_size)
+        # SpeechBrain's DistributedSampler gives each rank 1/world_size of the utterances
+        # (padded to equal shares): the clock counts one rank's steps.
+        per_rank = math.ceil(len(train_data) / world_size)
+        batches = math.ceil(per_rank / loader_opts.get("batch_size", 1))
     brain.batches_per_epoch = batches
     brain.total_train_steps = hparams["number_of_epochs"] * max(
         1, batches // hparams.get("grad_accumulation_factor", 1)

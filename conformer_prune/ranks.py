@@ -7,10 +7,8 @@ training every rank hashes its state and rank 0 compares: results.json records t
 and a mismatch is an error that names the parts that differ.
 """
 
-import argparse
 import hashlib
 import io
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,51 +49,3 @@ def compare_ranks(modules, method):
     overall = hashlib.sha256("".join(mine[key] for key in sorted(mine)).encode()).hexdigest()
     return {"world_size": len(everyone), "agree": True, "fingerprint": overall}
 
-
-def per_rank_batch_length(train_csv, max_batch_length, world_size, max_duration=None,
-                          **sampler_opts):
-    """The largest per-rank `max_batch_length` whose batches, shared among `world_size` ranks,
-    give each rank at least as many steps per epoch as one process gets with
-    `max_batch_length` (searched in 0.5 s steps): about the same optimiser steps and global
-    batch as the single-process run.
-
-    Why searched and not divided: SpeechBrain's DynamicBatchSampler packs buckets, so half
-    the length does not give twice the batches (on the embedded corpus 80 s gives 166 and
-    40 s only 195).
-    """
-    from speechbrain.dataio.sampler import DynamicBatchSampler
-
-    from conformer_prune.asr_brain import csv_dataset
-
-    data = csv_dataset(train_csv, max_duration)
-
-    def batches(length):
-        return len(DynamicBatchSampler(data, max_batch_length=length,
-                                       length_func=lambda e: float(e["duration"]),
-                                       **sampler_opts))
-
-    target = batches(max_batch_length)
-    length = max_batch_length / world_size
-    while length > 1 and -(-batches(length) // world_size) < target:
-        length -= 0.5
-    return length
-
-
-def main(argv=None):
-    """`python -m conformer_prune.ranks RUN_DIR NPROC`: prints the per-rank max_batch_length
-    that gives a torchrun run of RUN_DIR's recipe the steps of RUN_DIR (recipes/ddp_check.sh)."""
-    from conformer_prune.shrink import plain_hparams  # here: training need not load it
-
-    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
-    parser.add_argument("run_dir", help="a finished single-process run (its prepared CSVs)")
-    parser.add_argument("nproc", type=int)
-    args = parser.parse_args(argv)
-    hparams = plain_hparams(Path(args.run_dir) / "hyperparams.yaml")
-    batching = dict(hparams["dynamic_batching"])
-    train_csv = Path(args.run_dir) / "data" / Path(hparams["train_csv"]).name
-    print(per_rank_batch_length(train_csv, batching.pop("max_batch_length"), args.nproc,
-                                hparams.get("max_train_duration"), **batching))
-
-
-if __name__ == "__main__":
-    main()

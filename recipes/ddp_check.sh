@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Does torchrun with 2 processes train the mini gated recipe as one process does?
 #   the single-process run: results/conformer_adrop_mini/$SEED (recipes/embedded.sh; trained
-#   here if missing) -> the same YAML under torchrun, NPROC ranks, each with batches small
-#   enough that every rank takes the single run's steps -> side-by-side comparison
+#   here if missing) -> the same YAML under torchrun, NPROC ranks, each taking 1/NPROC of every
+#   batch of the single run (same global batches, same steps) -> side-by-side comparison
 #   against the tolerance stated in benchmarks/ddp_vs_single.py.
 # Environment knobs: CORPUS (folder), SEED (training seed), NPROC (processes).
 set -euo pipefail
@@ -23,13 +23,9 @@ stage "torchrun --nproc_per_node=$NPROC -> $run (log: results/$name.log)"
 if [ -f "$run/results.json" ]; then
     echo "$run: done (results.json), skipped"
 else
-    # Each rank's batches: the length that gives every rank the single run's steps per epoch
-    # (about 1/NPROC of its batch; conformer_prune/ranks.py says why it is searched).
-    length=$(python -m conformer_prune.ranks "results/conformer_adrop_mini/$SEED" "$NPROC" | tail -n 1)
-    echo "per-rank max_batch_length: $length s (the YAML's 80 s for one process)"
-    batching="{max_batch_length: $length, num_buckets: 10, shuffle: True, batch_ordering: random}"
+    # The same YAML: every rank takes 1/NPROC of each of the single run's batches.
     torchrun --nproc_per_node="$NPROC" train.py "$YAML" --data_folder "$CORPUS" --seed "$SEED" \
-        --experiment_name "$name" --dynamic_batching "$batching" > "results/$name.log" 2>&1 \
+        --experiment_name "$name" > "results/$name.log" 2>&1 \
         || { echo "FAILED: results/$name.log ends with:"; tail -n 30 "results/$name.log"; exit 1; }
 fi
 

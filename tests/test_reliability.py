@@ -4,6 +4,7 @@ run that was not killed ends (issue 16)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,9 +45,33 @@ def test_torchrun_two_processes_train_the_real_recipe_and_end_identical(corpus, 
     assert results["ranks"]["world_size"] == 2 and results["ranks"]["agree"]
     history = _history(run_dir)
     assert [entry["epoch"] for entry in history] == [1, 2]  # one writer, not two
-    # Each rank takes half of the batches; the clock must still reach the end of training.
+    # Each rank takes its share of every batch: as many steps as one process, and the clock
+    # reaches the end of training.
     assert history[-1]["progress"] == 1.0
     assert history[-1]["regulariser_target"] == -4.0  # gate_target_end of the YAML
+    steps = [int(n) for n in re.findall(r"steps: (\d+)", (run_dir / "train_log.txt").read_text())]
+    assert steps == [_single_process_batches(run_dir), 2 * _single_process_batches(run_dir)]
+
+
+def _single_process_batches(run_dir):
+    from speechbrain.dataio.sampler import DynamicBatchSampler
+
+    from conformer_prune.asr_brain import csv_dataset
+
+    data = csv_dataset(run_dir / "data" / "train-clean-100.csv", 12.0)
+    return len(DynamicBatchSampler(data, max_batch_length=8, num_buckets=4, shuffle=True,
+                                   batch_ordering="random",
+                                   length_func=lambda example: float(example["duration"])))
+
+
+def test_every_rank_takes_a_share_of_every_batch():
+    from conformer_prune.asr_brain import SplitBatchesAcrossRanks
+
+    batches = [[0, 1, 2, 3, 4], [5, 6], [7]]
+    shares = [list(SplitBatchesAcrossRanks(batches, rank, 2)) for rank in (0, 1)]
+    assert shares[0] == [[0, 2, 4], [5], [7]]
+    assert shares[1] == [[1, 3], [6], [7]]  # one item left: both ranks take it
+    assert len(SplitBatchesAcrossRanks(batches, 1, 2)) == 3
 
 
 def test_ranks_that_drift_apart_are_an_error_naming_the_part(tmp_path):

@@ -5,10 +5,12 @@
     python train.py hparams/conformer_adrop.yaml --data_folder /path/to/LibriSpeech
     python train.py hparams/mini/conformer_adrop.yaml --data_folder corpus   # embedded corpus
     python train.py <yaml> --test_only ...    # decode the run's last checkpoint again
+    torchrun --nproc_per_node=2 train.py <yaml> ...   # DDP: same batches and steps as one process
 
 The YAML declares everything (model, gates, regulariser, data, decoding); this file only wires
 SpeechBrain's stages together: prepare -> tokenizer -> fit -> test -> results.json.
-A killed run started again with the same command resumes from its last checkpoint.
+A killed run started again with the same command resumes from its last checkpoint, exactly
+(docs/RELIABILITY.md); bad input stops it with one `error:` line naming the item.
 """
 
 import sys

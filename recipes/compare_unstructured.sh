@@ -13,6 +13,7 @@ CORPUS=${CORPUS:-corpus}
 SEED=${SEED:-1986}
 OUT=${OUT:-dashboard_unstructured}
 KEEPS=${KEEPS:-"50 30 10"}
+JOBS=${JOBS:-2}
 started=$(date +%s)
 CORPUS=$CORPUS SEED=$SEED bash recipes/embedded.sh
 source recipes/lib.sh
@@ -24,7 +25,7 @@ for keep in $KEEPS; do
     done
 done
 stage "magnitude, PLATON and SEVEN at keep ratios $KEEPS (%), $JOBS at a time"
-JOBS=${JOBS:-2} train_each "${specs[@]}"
+JOBS=$JOBS train_each "${specs[@]}"
 
 stage "sparse storage: conformer-prune shrink of each run (bytes in shrink_report.json)"
 runs=()

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from speechbrain.utils.checkpoints import METAFNAME, Checkpointer
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.repro import SaveableGenerator
 
 from conformer_prune.errors import InputError
@@ -54,6 +54,10 @@ class SafeCheckpointer(Checkpointer):
             _fsync_folder_files(self._pending_meta.parent)
             os.replace(self._pending_meta, self._pending_meta.parent / METAFNAME)
             self._pending_meta = None
+        # Under DDP the other ranks must not list the checkpoints (to delete old ones, each rank
+        # the same) before rank 0 has made this one visible: they would list one fewer, skip
+        # a deletion whose broadcast rank 0 then waits for, and the run would hang.
+        ddp_barrier()
         return checkpoint
 
     def _save_checkpoint_metafile(self, fpath, meta_to_include={}, end_of_epoch=True):

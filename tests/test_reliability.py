@@ -39,8 +39,10 @@ def test_torchrun_two_processes_train_the_real_recipe_and_end_identical(corpus, 
     run_dir = tmp_path / "ddp"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_port", str(free_port()))
+    # keep_checkpoints 1: the second epoch's save deletes the first, a collective step that
+    # hung when the ranks saw different checkpoint lists.
     train_tiny(GATED, corpus, run_dir, 2, *GATE_ARGS, f"--dynamic_batching={SMALL_BATCHES}",
-               launcher=torchrun)
+               "--keep_checkpoints=1", launcher=torchrun)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["ranks"]["world_size"] == 2 and results["ranks"]["agree"]
     history = _history(run_dir)
@@ -95,6 +97,38 @@ def _compare_different_ranks(rank, port, out_dir):
             message = str(error)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as out:
             out.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_sees_a_checkpoint_before_old_ones_are_deleted(tmp_path):
+    """Rank 0 makes a checkpoint visible last (its meta file is renamed in after the tensors);
+    rank 1 must not list the checkpoints before that, or the ranks disagree on what to delete
+    and wait for each other for ever. Rank 0 is slowed down at that point to make it likely."""
+    mp.spawn(_save_twice_keeping_one, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert len(list((tmp_path / "save").glob("CKPT+*"))) == 1
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "saved"
+
+
+def _save_twice_keeping_one(rank, port, out_dir):
+    import datetime
+
+    import conformer_prune.checkpoints as checkpoints
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        if rank == 0:
+            flush = checkpoints._fsync_folder_files
+            checkpoints._fsync_folder_files = lambda folder: (time.sleep(2), flush(folder))
+        checkpointer = SafeCheckpointer(os.path.join(out_dir, "save"),
+                                        recoverables={"layer": torch.nn.Linear(2, 2)})
+        for step in range(2):
+            checkpointer.save_and_keep_only(meta={"step": step}, num_to_keep=1)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as out:
+            out.write("saved")
     finally:
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Unstructured pruning during fine-tuning on the embedded corpus (issue 13): magnitude, PLATON
 # and SEVEN from the dense run of the main command, each at final keep ratios of 50%, 30% and
-# 10% of the encoder layers' weight matrices; each stored sparse (conformer-prune shrink: bytes
+# 10% of the encoder layers' weight matrices, beside the dense run fine-tuned as long unpruned; each stored sparse (conformer-prune shrink: bytes
 # on disk); the encoder speed of one sparsity against dense and adaptive dropout
 # (benchmarks/sparse_speed.py); one dashboard with dense and adaptive dropout beside them.
 # Runs the main command first (corpus, dense, gated, shrink, decode); every stage skips what is
@@ -18,13 +18,14 @@ started=$(date +%s)
 CORPUS=$CORPUS SEED=$SEED bash recipes/embedded.sh
 source recipes/lib.sh
 
-specs=()
+# The reference at equal training: the dense run fine-tuned the same 2 epochs, nothing pruned.
+specs=("hparams/mini/conformer_finetune.yaml conformer_finetune_mini")
 for keep in $KEEPS; do
     for method in magnitude platon seven; do
         specs+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$keep --prune_final_keep 0.$keep")
     done
 done
-stage "magnitude, PLATON and SEVEN at keep ratios $KEEPS (%), $JOBS at a time"
+stage "dense fine-tuned on; magnitude, PLATON and SEVEN at keep ratios $KEEPS (%); $JOBS at a time"
 JOBS=$JOBS train_each "${specs[@]}"
 
 stage "sparse storage: conformer-prune shrink of each run (bytes in shrink_report.json)"
@@ -45,5 +46,5 @@ python benchmarks/sparse_speed.py --dense "results/conformer_dense_mini/$SEED" \
 
 stage "dashboard"
 conformer-prune report "results/conformer_dense_mini/$SEED" "results/conformer_adrop_mini/$SEED" \
-    "${runs[@]}" --out "$OUT"
+    "results/conformer_finetune_mini/$SEED" "${runs[@]}" --out "$OUT"
 stage "done: open $OUT/index.html"

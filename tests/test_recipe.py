@@ -126,7 +126,7 @@ def test_tokenizer_with_more_pieces_than_outputs_is_refused(tmp_path):
 
 UNSTRUCTURED = ("magnitude", "platon", "seven")
 BASELINES = ("magnitude_widths", "magnitude_global", "scratch_widths", "scratch_uniform",
-             *UNSTRUCTURED)
+             *UNSTRUCTURED, "finetune")
 
 
 @pytest.mark.parametrize("scale", ["", "mini/"])
@@ -139,5 +139,6 @@ def test_every_baseline_has_a_yaml_at_both_scales_naming_its_method(scale, basel
         hparams = load_hyperpyyaml(fin, overrides)
     method = hparams["method"]
     assert isinstance(method, PruningMethod) and method.name == baseline
-    assert method.model_kind == ("sparse" if baseline in UNSTRUCTURED else "compact")
+    expected = {"finetune": "dense", **{name: "sparse" for name in UNSTRUCTURED}}
+    assert method.model_kind == expected.get(baseline, "compact")
     assert hparams["experiment_name"] == f"conformer_{baseline}{'_mini' if scale else ''}"

@@ -31,7 +31,7 @@ from conformer_prune.asr_brain import (
     load_tokenizer,
     train_tokenizer,
 )
-from conformer_prune.errors import InputError
+from conformer_prune.errors import InputError, one_line
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.ranks import compare_ranks
@@ -134,5 +134,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except InputError as err:
         # Bad input (docs/RELIABILITY.md): one line naming the item, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)

@@ -271,6 +271,10 @@ class ASRBrain(sb.core.Brain):
         )
         if if_main_process():
             self._log_gates(entry)
+        if if_main_process():
+            # Before the checkpoint: a run killed between the two trains the epoch again and
+            # replaces this line (write_history_entry); after it, the line would be lost.
+            write_history_entry(self.hparams.history_file, entry)
         self.checkpointer.save_and_keep_only(
             meta={"WER": rates["wer"], "epoch": epoch},
             num_to_keep=self.hparams.keep_checkpoints,
@@ -279,8 +283,6 @@ class ASRBrain(sb.core.Brain):
         # The epoch's own checkpoint supersedes the ones taken inside it.
         self.checkpointer.delete_checkpoints(
             num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
-        if if_main_process():
-            write_history_entry(self.hparams.history_file, entry)
 
     def _gate_entry(self):
         """The method's per-epoch fields (docs/FORMATS.md, history.jsonl), with the mean loss

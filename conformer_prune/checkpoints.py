@@ -14,6 +14,7 @@ Two things SpeechBrain 1.1's Checkpointer does not do, and a run on a shared clu
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from conformer_prune.errors import InputError
 
 logger = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
+MISMATCH = re.compile(r"size mismatch|Missing key|Unexpected key|missing a load path|"
+                      r"KeyError|has no state")
 
 
 class SafeCheckpointer(Checkpointer):
@@ -43,16 +46,19 @@ class SafeCheckpointer(Checkpointer):
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
         try:
             checkpoint = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
-        except OSError as err:  # a full disk, a quota, a folder gone
+            if if_main_process() and self._pending_meta is not None:
+                _fsync_folder_files(self._pending_meta.parent)
+                os.replace(self._pending_meta, self._pending_meta.parent / METAFNAME)
+        except (OSError, RuntimeError) as err:
+            # A full disk, a quota, a folder gone: torch.save reports a failed write as a
+            # RuntimeError ("PytorchStreamWriter failed writing ..."), plain files as OSError.
             folder = self._pending_meta.parent if self._pending_meta else self.checkpoints_dir
-            self._pending_meta = None
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
             raise InputError(
-                f"{folder}: saving the checkpoint failed ({err.strerror or err}); it is "
-                "incomplete and will not be loaded. The previous checkpoints are intact: free "
-                "space and run the same command again to resume from the last one") from None
-        if if_main_process() and self._pending_meta is not None:
-            _fsync_folder_files(self._pending_meta.parent)
-            os.replace(self._pending_meta, self._pending_meta.parent / METAFNAME)
+                f"{folder}: saving the checkpoint failed ({reason}); it is incomplete and will "
+                "not be loaded. The previous checkpoints are intact: free space and run the "
+                "same command again to resume from the last one") from None
+        finally:
             self._pending_meta = None
         # Under DDP the other ranks must not list the checkpoints (to delete old ones, each rank
         # the same) before rank 0 has made this one visible: they would list one fewer, skip
@@ -73,7 +79,11 @@ class SafeCheckpointer(Checkpointer):
         except InputError:
             raise
         except (RuntimeError, KeyError, ValueError) as err:
-            # torch's "size mismatch for ..." / "Unexpected key(s) ..." name the tensors.
+            # Only a checkpoint that does not fit (torch's "size mismatch for ...", "Unexpected
+            # key(s) ...", a recoverable missing); out of memory or a damaged file stay as they
+            # are, since the advice below (remove the checkpoints) would be wrong for them.
+            if not MISMATCH.search(str(err)):
+                raise
             first_lines = " ".join(str(err).strip().splitlines()[:3])
             raise InputError(
                 f"{checkpoint.path}: this checkpoint does not fit the run's model or method "

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from conformer_prune.errors import InputError
+from conformer_prune.errors import InputError, one_line
 
 SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "report", "delta")
 
@@ -31,7 +31,7 @@ def main(argv=None):
         return args.func(args)
     except InputError as err:
         # Bad input: one line naming the item, no traceback (docs/RELIABILITY.md).
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -8,3 +8,13 @@ in the code still raises whatever it raises, with its traceback.
 
 class InputError(ValueError):
     """Bad input, named in the message; see docs/RELIABILITY.md for every case handled."""
+
+
+def one_line(err):
+    """The message to print for an InputError: its own text, also when PyTorch's DataLoader
+    re-raised it from a worker process with the worker's traceback appended."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("InputError: ", 1)[-1]
+    return text

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from conformer_prune.errors import InputError
+
 # Uniform noise is drawn from [EPS, 1 - EPS] so that log(u) and log(1 - u) stay finite.
 _EPS = 1e-6
 
@@ -20,7 +22,7 @@ _EPS = 1e-6
 def _require(ok, key, value, expected):
     """A start-up error naming the YAML key (hparams/*.yaml) that holds a bad setting."""
     if not ok:
-        raise ValueError(f"{key}: {value!r} is not valid; expected {expected}")
+        raise InputError(f"{key}: {value!r} is not valid; expected {expected}")
 
 
 def logit(p):
@@ -273,7 +275,7 @@ class RetentionRegulariser:
                  target_params, "a positive parameter count, or null")
         if keep_target is not None and schedule.fall_ends > 1.0:
             # The fall would not end before training does, so the commit phase would never run.
-            raise ValueError(
+            raise InputError(
                 f"RetentionRegulariser: keep_target is set but the target falls until "
                 f"delay + span = {schedule.delay} + {schedule.span} > 1 (the end of training), "
                 "so the commit phase would never start; lower gate_target_delay or "

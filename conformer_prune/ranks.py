@@ -8,7 +8,6 @@ and a mismatch is an error that names the parts that differ.
 """
 
 import hashlib
-import io
 
 import torch
 import torch.distributed as dist
@@ -22,11 +21,28 @@ def state_fingerprints(modules, method):
 
 
 def _digest(state):
-    buffer = io.BytesIO()
-    if isinstance(state, dict):
-        state = {key: state[key] for key in sorted(state)}
-    torch.save(state, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
+    """sha256 of a (nested) state: keys, dtypes, shapes and values, not devices (under nccl
+    rank r's tensors live on cuda:r, and torch.save's bytes would say so)."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest, value):
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(str(key).encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(repr(value).encode())
 
 
 def compare_ranks(modules, method):

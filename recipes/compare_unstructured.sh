@@ -6,7 +6,8 @@
 # (benchmarks/sparse_speed.py); one dashboard with dense and adaptive dropout beside them.
 # Runs the main command first (corpus, dense, gated, shrink, decode); every stage skips what is
 # done, so running it again resumes.
-# Environment knobs: CORPUS, SEED, OUT (dashboard folder), JOBS (runs at a time), KEEPS.
+# Environment knobs: CORPUS, SEED, OUT (dashboard folder), JOBS (runs at a time), KEEPS (keep
+# ratios in percent), SPEED_KEEP (the one timed; default the middle of KEEPS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-corpus}
@@ -22,7 +23,7 @@ source recipes/lib.sh
 specs=("hparams/mini/conformer_finetune.yaml conformer_finetune_mini")
 for keep in $KEEPS; do
     for method in magnitude platon seven; do
-        specs+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$keep --prune_final_keep 0.$keep")
+        specs+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$keep --prune_final_keep $(awk "BEGIN {print $keep / 100}")")
     done
 done
 stage "dense fine-tuned on; magnitude, PLATON and SEVEN at keep ratios $KEEPS (%); $JOBS at a time"
@@ -38,11 +39,12 @@ for keep in $KEEPS; do
     done
 done
 
-stage "encoder speed: SEVEN at 30% (sparse, dense and sparse kernels) vs dense and adaptive dropout"
+SPEED_KEEP=${SPEED_KEEP:-$(echo $KEEPS | awk '{print $int((NF + 1) / 2)}')}  # the middle one
+stage "encoder speed: SEVEN at $SPEED_KEEP% (dense and sparse kernels) vs dense and adaptive dropout"
 python benchmarks/sparse_speed.py --dense "results/conformer_dense_mini/$SEED" \
-    --sparse "results/conformer_seven_mini_keep30/$SEED" \
+    --sparse "results/conformer_seven_mini_keep$SPEED_KEEP/$SEED" \
     --compact "results/conformer_adrop_mini/$SEED/compact" --data-folder "$CORPUS" \
-    --out "results/conformer_seven_mini_keep30/$SEED/sparse_speed.json"
+    --out "results/conformer_seven_mini_keep$SPEED_KEEP/$SEED/sparse_speed.json"
 
 stage "dashboard"
 conformer-prune report "results/conformer_dense_mini/$SEED" "results/conformer_adrop_mini/$SEED" \

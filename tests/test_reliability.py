@@ -351,3 +351,13 @@ def test_audio_damaged_after_preparation_names_the_file(tmp_path):
     add_pipelines([dataset], Pieces(), 1, 2)
     with pytest.raises(InputError, match=r"1-2-0000.flac: cannot read audio .*prepare"):
         dataset[0]
+
+
+def test_an_input_error_from_a_dataloader_worker_prints_as_one_line():
+    from conformer_prune.errors import one_line
+
+    worker = InputError("Caught InputError in DataLoader worker process 0.\nOriginal Traceback "
+                        "(most recent call last):\n  File ...\nconformer_prune.errors."
+                        "InputError: /data/1-2-0000.flac: cannot read audio (bad)")
+    assert one_line(worker) == "/data/1-2-0000.flac: cannot read audio (bad)"
+    assert one_line(InputError("plain")) == "plain"

@@ -1,6 +1,8 @@
 """Unstructured pruning (magnitude, PLATON, SEVEN): the schedule, each score against values
 worked out by hand from known gradients, the one global ranking, and masks that hold."""
 
+import math
+
 import pytest
 import torch
 
@@ -108,17 +110,17 @@ def test_seven_score_by_hand_and_pruned_weights_never_come_back():
     """a1 0.5, a2 0.5, weights (1, 1): gradients (2, 1) then (0, 4).
     Step 1: m = (1, .5), v = (2, .5), m_hat = (2, 1), v_hat = (4, 1): S = |w g m_hat / sqrt v_hat|
     = (2 * 2 / 2, 1 * 1 / 1) = (2, 1); keep 0.5 prunes the second weight.
-    Step 2: its gradient is large but its score is held at 0, so it stays pruned."""
+    Step 2: its gradient is large but its score is held at -inf, so it stays pruned."""
     w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
     method = _method_on(SevenPruning, [w], final_keep=0.5, a1=0.5, a2=0.5)
     _step(method, 0.5, [[2.0, 1.0]])
-    assert method.scores()[0].tolist() == pytest.approx([2.0, 0.0], abs=1e-6)
+    assert method.scores()[0].tolist() == [pytest.approx(2.0), -math.inf]
     assert w.tolist() == [1.0, 0.0]
     with torch.no_grad():
         w[1] = 3.0  # as if the optimiser had moved it
     _step(method, 0.6, [[0.0, 4.0]])
     assert w.tolist() == [1.0, 0.0]
-    assert method.scores()[0][1].item() == 0.0
+    assert method.scores()[0][1].item() == -math.inf
 
 
 def test_seven_scores_nothing_outside_its_window():

@@ -26,8 +26,10 @@ The scores:
 - SEVEN: inside the pruning window (`t_i < t <= 1 - t_f`), every step, `g = |grad W|`, Adam-style
   moments from the window's start `m <- a1 m + (1 - a1) g`, `v <- a2 v + (1 - a2) g^2`,
   bias-corrected `m_hat`, `v_hat`, and the cumulative score `S += |W * g * m_hat / (sqrt(v_hat) +
-  1e-9)|`. A pruned element's score is set to 0: it never comes back.
+  1e-9)|`. A pruned element's score is set to -inf: it ranks last and never comes back.
 """
+
+import math
 
 import torch
 
@@ -172,8 +174,14 @@ class UnstructuredPruning(PruningMethod):
         return {"steps": self.steps, "masks": self.masks, **self.score_state()}
 
     def load_state_dict(self, state):
-        self.steps, self.masks = state["steps"], state["masks"]
+        self.steps, self.masks = state["steps"], self.on_param_devices(state["masks"])
         self.load_score_state(state)
+
+    def on_param_devices(self, tensors):
+        """Saved per-parameter tensors (loaded on the CPU) moved to their parameters' devices."""
+        if tensors is None:
+            return None
+        return [t.to(param.device) for t, (_, param) in zip(tensors, self.params)]
 
     def score_state(self):
         return {}
@@ -234,8 +242,9 @@ class PlatonPruning(UnstructuredPruning):
                 "unc_bar": self.unc_bar}
 
     def load_score_state(self, state):
-        self.window_mean, self.ipt_bar = state["window_mean"], state["ipt_bar"]
-        self.unc_bar = state["unc_bar"]
+        self.window_mean = self.on_param_devices(state["window_mean"])
+        self.ipt_bar = self.on_param_devices(state["ipt_bar"])
+        self.unc_bar = self.on_param_devices(state["unc_bar"])
 
 
 class SevenPruning(UnstructuredPruning):
@@ -271,7 +280,7 @@ class SevenPruning(UnstructuredPruning):
             score.add_((param * g * m_hat / (v_hat.sqrt() + 1e-9)).abs())
         if self.masks is not None:  # pruned stays pruned
             for score, mask in zip(self.score, self.masks):
-                score.mul_(mask)
+                score.masked_fill_(~mask, -math.inf)
 
     def scores(self):
         if self.score is None:  # a run too short for a step inside the window: magnitude
@@ -281,7 +290,8 @@ class SevenPruning(UnstructuredPruning):
     def choose_masks(self, keep_ratio):
         masks = super().choose_masks(keep_ratio)
         for score, mask in zip(self.score or [], masks):
-            score.mul_(mask)  # a pruned element's score is 0 from now on
+            # A pruned element ranks last from now on, below kept ones whose score is still 0.
+            score.masked_fill_(~mask, -math.inf)
         return masks
 
     def settings(self):
@@ -293,4 +303,5 @@ class SevenPruning(UnstructuredPruning):
 
     def load_score_state(self, state):
         self.window_steps = state["window_steps"]
-        self.m, self.v, self.score = state["m"], state["v"], state["score"]
+        self.m, self.v = self.on_param_devices(state["m"]), self.on_param_devices(state["v"])
+        self.score = self.on_param_devices(state["score"])

@@ -97,7 +97,10 @@ def main(argv):
         ranks = compare_ranks(brain.plain_modules, brain.method)  # None without torchrun
     splits, decode = evaluate_splits(brain, test_datasets, hparams)
     if if_main_process():
-        write_run_results(hparams, brain, splits, decode, ranks)
+        datasets = {Path(hparams["train_csv"]).stem: train_data,
+                    Path(hparams["valid_csv"]).stem: valid_data, **test_datasets}
+        write_run_results(hparams, brain, splits, decode, data_summary(hparams, datasets),
+                          ranks)
 
 
 def params_of_saved_model(brain):
@@ -106,7 +109,7 @@ def params_of_saved_model(brain):
     return count_params(torch.load(checkpoint.paramfiles["model"], map_location="cpu"))
 
 
-def write_run_results(hparams, brain, splits, decode, ranks=None):
+def write_run_results(hparams, brain, splits, decode, data, ranks=None):
     """results.json of the run (docs/FORMATS.md): counts from the tensors of the decoded model."""
     method = brain.method
     results = {
@@ -121,7 +124,7 @@ def write_run_results(hparams, brain, splits, decode, ranks=None):
         "decode": decode,
         "splits": splits,
         "epochs": brain.hparams.epoch_counter.current,
-        "data": data_summary(hparams),
+        "data": data,
         **method.results_summary(brain.plain_modules),
     }
     if ranks is not None:

@@ -1,9 +1,11 @@
-"""Shared pieces of the benchmark scripts: machine description and robust timing."""
+"""Shared pieces of the benchmark scripts: machine description, robust timing, the report."""
 
+import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,3 +40,11 @@ def interleaved_medians(functions, repeats, warmup=1):
             function()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def write_report(report, out=None):
+    """Prints the benchmark's report as JSON and, with `out`, writes it there too."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")

@@ -19,7 +19,6 @@ Target: speedup at least 0.8 times the FLOP reduction.
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import interleaved_medians, machine
+from common import interleaved_medians, machine, write_report
 from conformer_prune.decode import load_inference_folder
 from conformer_prune.model import count_params, param_state
 from conformer_prune.prepare import prepare_librispeech
@@ -167,10 +166,7 @@ def main():
     report["speedup_over_flop_reduction"] = round(
         report["encoder_speedup"] / report["encoder_flop_reduction"], 3
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

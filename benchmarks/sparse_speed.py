@@ -21,14 +21,13 @@ models' outputs are checked equal (up to float rounding) before timing.
 """
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from speechbrain.lobes.features import Fbank
 
-from common import interleaved_medians, machine
+from common import interleaved_medians, machine, write_report
 from conformer_prune.decode import load_inference_folder
 from conformer_prune.model import count_params, param_state
 from conformer_prune.sites import encoder_layers
@@ -119,10 +118,7 @@ def main():
         "sparse_kernels_cover": round(moved / max(1, nonzero), 3),
         "machine": machine(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

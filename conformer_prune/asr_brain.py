@@ -5,7 +5,6 @@ compact model with exactly the code that evaluated the run. Model transforms (ga
 not import this module.
 """
 
-import csv
 import json
 import logging
 import math
@@ -271,7 +270,6 @@ class ASRBrain(sb.core.Brain):
         )
         if if_main_process():
             self._log_gates(entry)
-        if if_main_process():
             # Before the checkpoint: a run killed between the two trains the epoch again and
             # replaces this line (write_history_entry); after it, the line would be lost.
             write_history_entry(self.hparams.history_file, entry)
@@ -377,7 +375,8 @@ def write_history_entry(history_file, entry):
     after writing it but before its checkpoint was complete trains that epoch again."""
     path = Path(history_file)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch") != entry["epoch"]]
+    kept = [line for line in lines
+            if line.strip() and json.loads(line).get("epoch") != entry["epoch"]]
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]),
                        encoding="utf-8")
@@ -486,23 +485,24 @@ def csv_dataset(csv_path, max_duration=None):
     return data.filtered_sorted(sort_key="duration", key_max_value={"duration": max_duration})
 
 
-def data_summary(hparams):
+def data_summary(hparams, datasets):
     """Utterances used and skipped per split, for results.json: what a run trained and was
-    tested on, so that runs compared side by side can be seen to have seen the same data."""
+    tested on, so that runs compared side by side can be seen to have seen the same data.
+
+    `datasets`: {split: dataset from csv_dataset}. Skipped for length: by preparation (listed
+    in <split>_skipped.txt beside the split's CSV) and by csv_dataset's max_duration (the rows
+    of the CSV that the filtered dataset leaves out).
+    """
+    csv_paths = {Path(path).stem: Path(path)
+                 for path in [hparams["train_csv"], hparams["valid_csv"], *hparams["test_csv"]]}
     summary = {}
-    limits = {Path(hparams["train_csv"]).stem: hparams.get("max_train_duration")}
-    for csv_path in [hparams["train_csv"], hparams["valid_csv"], *hparams["test_csv"]]:
-        csv_path = Path(csv_path)
-        with open(csv_path, encoding="utf-8", newline="") as rows:
-            durations = [float(row["duration"]) for row in csv.DictReader(rows)]
-        skipped_file = csv_path.with_name(f"{csv_path.stem}_skipped.txt")
+    for split, dataset in datasets.items():
+        skipped_file = csv_paths[split].with_name(f"{split}_skipped.txt")
         prepare_skipped = (len(skipped_file.read_text(encoding="utf-8").splitlines())
                            if skipped_file.exists() else 0)
-        limit = limits.get(csv_path.stem)
-        too_long = sum(d > limit for d in durations) if limit else 0
-        summary[csv_path.stem] = {
-            "utterances": len(durations) - too_long,
-            "skipped_too_long": prepare_skipped + too_long,
+        summary[split] = {
+            "utterances": len(dataset),
+            "skipped_too_long": prepare_skipped + len(dataset.data) - len(dataset),
         }
     return summary
 

@@ -22,7 +22,7 @@ from speechbrain.utils.checkpoints import METAFNAME, Checkpointer
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.repro import SaveableGenerator
 
-from conformer_prune.errors import InputError
+from conformer_prune.errors import InputError, gist
 
 logger = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
@@ -84,10 +84,9 @@ class SafeCheckpointer(Checkpointer):
             # are, since the advice below (remove the checkpoints) would be wrong for them.
             if not MISMATCH.search(str(err)):
                 raise
-            first_lines = " ".join(str(err).strip().splitlines()[:3])
             raise InputError(
                 f"{checkpoint.path}: this checkpoint does not fit the run's model or method "
-                f"(written by another architecture or method?): {first_lines[:600]}. "
+                f"(written by another architecture or method?): {gist(err)}. "
                 f"Use another --output_folder, or remove {self.checkpoints_dir} to start "
                 "over") from None
 

@@ -111,7 +111,8 @@ def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0):
     """Prunes the delta of a fine-tuned run against its base run; writes `out_dir` with the
     delta (delta.ckpt, delta.json), the variant's tokenizer and normaliser, and `model/`, the
     rebuilt variant as an inference folder that `conformer-prune decode` scores."""
-    from conformer_prune.shrink import load_gated_run  # here: delta math needs no model code
+    # Imported here: the delta math above needs no model code.
+    from conformer_prune.shrink import decode_opts_from, load_gated_run
 
     base, finetuned = load_gated_run(base_run), load_gated_run(finetuned_run)
     if not (finetuned["tokenizer"] and finetuned["normalizer"]):
@@ -129,7 +130,9 @@ def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0):
     shutil.copyfile(finetuned["tokenizer"], out_dir / "tokenizer.model")
     shutil.copyfile(finetuned["normalizer"], out_dir / "normalizer.ckpt")
     (out_dir / "decode_opts.json").write_text(
-        json.dumps(_decode_opts(finetuned["hparams"])), encoding="utf-8")
+        json.dumps(decode_opts_from(finetuned["hparams"])), encoding="utf-8")
+    # Rebuilt from the files just written, as a user rebuilds it: the variant decoded is the
+    # one the delta folder ships (at the cost of reading the base run a second time).
     apply_delta(base_run, out_dir, out_dir / "model")
     return info
 
@@ -148,12 +151,6 @@ def apply_delta(base_run, delta_dir, out_dir):
                             delta_dir / "tokenizer.model", delta_dir / "normalizer.ckpt",
                             decode_opts)
     return out_dir
-
-
-def _decode_opts(hparams):
-    from conformer_prune.shrink import decode_opts_from
-
-    return decode_opts_from(hparams)
 
 
 def add_parser(subparsers):

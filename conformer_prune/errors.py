@@ -18,3 +18,9 @@ def one_line(err):
         last = text.strip().splitlines()[-1]
         text = last.split("InputError: ", 1)[-1]
     return text
+
+
+def gist(err, lines=3, chars=600):
+    """The first lines of a long library error (torch's load_state_dict lists every mismatched
+    tensor), joined into one, to quote inside an InputError."""
+    return " ".join(str(err).strip().splitlines()[:lines])[:chars]

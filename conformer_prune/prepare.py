@@ -250,34 +250,35 @@ def read_transcript(trans_path, speaker, chapter):
 
 
 def audio_duration(wav):
-    """Duration in seconds from the header only; checks the format on the way."""
+    """Duration in seconds from the header; checks the format and that the end is readable,
+    with one opening of the file."""
     try:
-        info = soundfile.info(str(wav))
+        audio = soundfile.SoundFile(str(wav))
     except soundfile.SoundFileError as err:
         raise DataError(f"{wav}: unreadable audio file ({err})") from None
-    if info.samplerate != SAMPLE_RATE:
-        raise DataError(f"{wav}: sample rate {info.samplerate} Hz; expected {SAMPLE_RATE} Hz")
-    if info.channels != 1:
-        raise DataError(f"{wav}: {info.channels} channels; expected mono")
-    if info.frames == 0:
-        raise DataError(f"{wav}: no samples; expected speech")
-    check_end_readable(wav, info.frames)
-    return info.frames / info.samplerate
+    with audio:
+        if audio.samplerate != SAMPLE_RATE:
+            raise DataError(f"{wav}: sample rate {audio.samplerate} Hz; expected {SAMPLE_RATE} Hz")
+        if audio.channels != 1:
+            raise DataError(f"{wav}: {audio.channels} channels; expected mono")
+        if audio.frames == 0:
+            raise DataError(f"{wav}: no samples; expected speech")
+        check_end_readable(wav, audio)
+        return audio.frames / audio.samplerate
 
 
-def check_end_readable(wav, frames):
-    """Reads the last sample: a file cut short (a copy that died half-way) keeps a header that
-    promises every sample, so only reading the end tells. Seeking costs one FLAC block, not a
-    decode of the whole file."""
+def check_end_readable(wav, audio):
+    """Reads the last sample of the open file: a file cut short (a copy that died half-way)
+    keeps a header that promises every sample, so only reading the end tells. Seeking costs
+    one FLAC block, not a decode of the whole file."""
     try:
-        with soundfile.SoundFile(str(wav)) as audio:
-            audio.seek(frames - 1)
-            if len(audio.read(1)) != 1:
-                raise soundfile.SoundFileError("the last sample is missing")
+        audio.seek(audio.frames - 1)
+        if len(audio.read(1)) != 1:
+            raise soundfile.SoundFileError("the last sample is missing")
     except (soundfile.SoundFileError, RuntimeError) as err:
         raise DataError(
-            f"{wav}: truncated or corrupt audio: the header promises {frames} samples but the "
-            f"end cannot be read ({err}); copy the file again") from None
+            f"{wav}: truncated or corrupt audio: the header promises {audio.frames} samples but "
+            f"the end cannot be read ({err}); copy the file again") from None
 
 
 @contextmanager

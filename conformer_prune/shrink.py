@@ -27,7 +27,7 @@ from speechbrain.utils.checkpoints import Checkpointer
 from torch import nn
 from torch.nn import functional as F
 
-from conformer_prune.errors import InputError
+from conformer_prune.errors import InputError, gist
 from conformer_prune.gated_conformer import (
     attention_mask_4d,
     gate_keep,
@@ -733,10 +733,9 @@ def load_gated_run(path):
     try:
         modules.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
         raise InputError(
             f"{checkpoint / WEIGHTS_FILE}: does not fit the model that "
-            f"{run_dir / 'hyperparams.yaml'} (arch) and {ARCH_FILE} describe: {first_lines}"
+            f"{run_dir / 'hyperparams.yaml'} (arch) and {ARCH_FILE} describe: {gist(err)}"
         ) from None
     # The run's own tokenizer, or the one its YAML points to (a fine-tuned baseline uses its
     # dense run's; the path is relative to where training ran).

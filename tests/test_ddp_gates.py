@@ -5,7 +5,6 @@ keeps the logits equal.
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ from conformer_prune.gated_conformer import insert_gates
 from conformer_prune.gates import RetentionRegulariser, TargetSchedule, iter_gates
 from conformer_prune.model import build_asr_modules
 from tiny import TINY_ARCH
+from tiny_runs import free_port
 
 WORLD_SIZE = 2
 VOCAB = 8
@@ -31,12 +31,6 @@ class _ASR(torch.nn.Module):
         m = self.modules_
         encoded, decoded = m["Transformer"](m["CNN"](feats), tokens)
         return m["ctc_lin"](encoded), m["seq_lin"](decoded)
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(rank, port, out_dir):
@@ -69,7 +63,7 @@ def test_ddp_keeps_gate_logits_identical(tmp_path):
     # fork: the children inherit the imported modules instead of importing SpeechBrain again.
     mp.start_processes(
         _train,
-        args=(_free_port(), str(tmp_path)),
+        args=(free_port(), str(tmp_path)),
         nprocs=WORLD_SIZE,
         join=True,
         start_method="fork",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
-from conformer_prune.errors import InputError
+from conformer_prune.errors import InputError, gist
 from conformer_prune.methods.base import PruningMethod
 from conformer_prune.model import count_params, param_state
 from conformer_prune.shrink import build_compact, shrink_modules
@@ -52,9 +52,8 @@ def load_dense_run(modules, dense_run):
     try:
         modules["asr"].load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first_lines = " ".join(str(err).strip().splitlines()[:3])[:600]
         raise InputError(f"{checkpoint / 'model.ckpt'}: the dense run's model does not fit "
-                         f"this YAML's arch (a gated or other-size run?): {first_lines}"
+                         f"this YAML's arch (a gated or other-size run?): {gist(err)}"
                          ) from None
     normalizer = checkpoint / "normalizer.ckpt"
     if normalizer.exists():

@@ -73,6 +73,15 @@ OTHER_SNR_DB = (15.0, 20.0)
 OTHER_RT60_S = (0.2, 0.5)
 OTHER_DRR_DB = (4.0, 10.0)
 NOISE_TILT = (0.5, 1.5)  # noise power spectrum ~ 1/f**tilt (1 = pink)
+# Recording conditions (--condition). "studio": the clean splits get the faint floor and
+# test-other the room and noise above. "far-field": every split is recorded across a noisier,
+# more reverberant room; with the studio corpus's seed, vocabulary and eval hours it has the
+# same speakers and evaluation sentences, so it is the domain that fine-tuned variants adapt
+# to (docs/DELTA.md) and its test-clean is the studio test-clean heard from afar.
+CONDITIONS = {
+    "studio": None,
+    "far-field": {"snr_db": (10.0, 15.0), "rt60_s": (0.3, 0.6), "drr_db": (2.0, 8.0)},
+}
 
 # Rough speaking time per character at espeak's default rate, measured on this corpus;
 # it only sizes the plan, the summary reports the real durations.
@@ -334,7 +343,7 @@ def _fill(block, speakers, seconds):
     return utterances, (len(utterances) - 1) // len(block) + 1
 
 
-def plan_jobs(root, assigned, seed):
+def plan_jobs(root, assigned, seed, condition="studio"):
     """Per-utterance jobs (everything a renderer needs) and the speakers in use."""
     rng = np.random.default_rng([seed, 2])
     jobs, used = [], {}
@@ -346,11 +355,24 @@ def plan_jobs(root, assigned, seed):
             used[speaker["id"]] = speaker
             utt_id = f"{speaker['id']}-{speaker['chapter']}-{number:04d}"
             path = root / split / str(speaker["id"]) / str(speaker["chapter"]) / f"{utt_id}.flac"
-            jobs.append(_job(rng, seed, split, utt_id, path, transcript, speaker))
+            jobs.append(_job(rng, seed, split, utt_id, path, transcript, speaker,
+                             room_of(split, condition)))
     return jobs, used
 
 
-def _job(rng, seed, split, utt_id, path, transcript, speaker):
+def room_of(split, condition):
+    """The ranges of SNR (dB), RT60 (s) and DRR (dB) a split is recorded with; RT60 and DRR
+    None: no reverberation."""
+    if condition not in CONDITIONS:
+        raise CorpusError(f"condition {condition!r}: expected one of {', '.join(CONDITIONS)}")
+    if CONDITIONS[condition]:
+        return CONDITIONS[condition]
+    if split == DEGRADED_SPLIT:
+        return {"snr_db": OTHER_SNR_DB, "rt60_s": OTHER_RT60_S, "drr_db": OTHER_DRR_DB}
+    return {"snr_db": CLEAN_SNR_DB, "rt60_s": None, "drr_db": None}
+
+
+def _job(rng, seed, split, utt_id, path, transcript, speaker, room):
     jitter = float(rng.uniform(1 - JITTER, 1 + JITTER))
     if speaker["engine"] == "espeak-ng":
         pitch = int(np.clip(speaker["pitch"] + rng.integers(-ESPEAK_PITCH_JITTER,
@@ -359,7 +381,7 @@ def _job(rng, seed, split, utt_id, path, transcript, speaker):
     else:
         pitch = round(speaker["pitch"] * float(rng.uniform(1 - JITTER, 1 + JITTER)), 1)
         rate = round(speaker["rate"] * jitter, 3)
-    degraded = split == DEGRADED_SPLIT
+    reverberant = room["rt60_s"] is not None
     return {"utt_id": utt_id, "split": split, "path": str(path), "transcript": transcript,
             "text": spoken_text(transcript), "engine": speaker["engine"],
             "voice": speaker["voice"], "variant": speaker["variant"], "pitch": pitch,
@@ -368,10 +390,10 @@ def _job(rng, seed, split, utt_id, path, transcript, speaker):
             "treble_db": speaker["treble_db"],
             "level_db": speaker["level_db"] + float(rng.uniform(-1.5, 1.5)),
             "pad": [float(rng.uniform(*PAD_SECONDS)) for _ in range(2)],
-            "snr_db": float(rng.uniform(*(OTHER_SNR_DB if degraded else CLEAN_SNR_DB))),
+            "snr_db": float(rng.uniform(*room["snr_db"])),
             "noise_tilt": float(rng.uniform(*NOISE_TILT)),
-            "rt60_s": float(rng.uniform(*OTHER_RT60_S)) if degraded else None,
-            "drr_db": float(rng.uniform(*OTHER_DRR_DB)) if degraded else None,
+            "rt60_s": float(rng.uniform(*room["rt60_s"])) if reverberant else None,
+            "drr_db": float(rng.uniform(*room["drr_db"])) if reverberant else None,
             "seed": [seed, zlib.crc32(utt_id.encode())]}
 
 
@@ -561,8 +583,19 @@ def validate(root):
     return summary
 
 
-def degradation_description():
-    return {"split": DEGRADED_SPLIT,
+def degradation_description(condition="studio"):
+    if CONDITIONS.get(condition):
+        room = CONDITIONS[condition]
+        return {"condition": condition, "split": "all",
+                "reverberation": {"kind": "synthetic room impulse response: direct path plus "
+                                          "exponentially decaying Gaussian tail",
+                                  "rt60_seconds": list(room["rt60_s"]),
+                                  "direct_to_reverberant_db": list(room["drr_db"])},
+                "noise": {"kind": "Gaussian noise with power spectrum 1/f**tilt",
+                          "tilt": list(NOISE_TILT), "snr_db": list(room["snr_db"]),
+                          "snr_reference": "mean power of the (reverberant) speech region"},
+                "per_utterance": "uniform draws from the ranges, fixed by the seed"}
+    return {"condition": condition, "split": DEGRADED_SPLIT,
             "reverberation": {"kind": "synthetic room impulse response: direct path plus "
                                       "exponentially decaying Gaussian tail",
                               "rt60_seconds": list(OTHER_RT60_S),
@@ -575,14 +608,16 @@ def degradation_description():
 
 
 def build_corpus(out_dir, hours, seed=1234, eval_hours=None, workers=2, progress=True,
-                 vocab_size=DEFAULT_VOCAB_SIZE):
+                 vocab_size=DEFAULT_VOCAB_SIZE, condition="studio"):
     """Build (or finish building) the corpus under ``out_dir/LibriSpeech``.
 
     ``hours`` sizes train-clean-100; ``eval_hours`` each of dev-clean, test-clean and
     test-other (default: 10% of ``hours``, but at least about 20 utterances). Durations
     are planned from a per-character estimate, so the real hours differ a little.
+    ``condition`` is the recording condition (CONDITIONS).
     Returns ``{split: {"utterances", "speakers", "seconds"}}``.
     """
+    room_of(TRAIN_SPLIT, condition)  # an unknown condition fails before anything is written
     root = Path(out_dir) / "LibriSpeech"
     root.mkdir(parents=True, exist_ok=True)
 
@@ -592,18 +627,19 @@ def build_corpus(out_dir, hours, seed=1234, eval_hours=None, workers=2, progress
     speakers = make_speakers(seed, available_dialects(), available_variants(),
                              available_flite_voices())
     assigned, rounds = assign_sentences(pool, speakers, hours, eval_hours)
-    jobs, used = plan_jobs(root, assigned, seed)
+    jobs, used = plan_jobs(root, assigned, seed, condition)
     digest = plan_digest(jobs)
     check_same_plan(root / "CORPUS.json", digest)
 
-    recipe = {"seed": seed, "hours": hours, "eval_hours": eval_hours, "vocab_size": vocab_size}
+    recipe = {"seed": seed, "hours": hours, "eval_hours": eval_hours, "vocab_size": vocab_size,
+              "condition": condition}
     corpus = {"recipe": recipe, "plan_sha256": digest, "sample_rate": SAMPLE_RATE,
               "complete": False,
               "text": {**text, "sentence_rounds": rounds,
                        "note": "eval splits use disjoint sentences never used in training; "
                                "a split whose rounds exceed 1 reuses its sentences with "
                                "other voices"},
-              "degradation": degradation_description()}
+              "degradation": degradation_description(condition)}
     write_json(root / "CORPUS.json", corpus)
     write_json(root / "SPEAKERS.json", {str(k): used[k] for k in sorted(used)})
     write_transcripts(jobs)
@@ -634,6 +670,9 @@ def add_parser(subparsers):
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="keep sentences made of the N most frequent words")
+    parser.add_argument("--condition", choices=sorted(CONDITIONS), default="studio",
+                        help="recording condition: studio (test-other degraded) or far-field "
+                             "(every split; the fine-tuning domain of docs/DELTA.md)")
     parser.set_defaults(func=run)
     return parser
 
@@ -641,7 +680,8 @@ def add_parser(subparsers):
 def run(args):
     start = time.time()
     summary = build_corpus(args.out, args.hours, seed=args.seed, eval_hours=args.eval_hours,
-                           workers=args.workers, vocab_size=args.vocab_size)
+                           workers=args.workers, vocab_size=args.vocab_size,
+                           condition=args.condition)
     print(f"{'split':<16} {'utterances':>10} {'speakers':>9} {'hours':>7}")
     for split, row in summary.items():
         print(f"{split:<16} {row['utterances']:>10} {row['speakers']:>9} "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.dataset import FilteredSortedDynamicItemDataset
 from speechbrain.nnet.losses import ctc_loss, kldiv_loss
 from speechbrain.utils.epoch_loop import EpochCounter
 from speechbrain.utils.train_logger import FileTrainLogger
@@ -67,26 +68,57 @@ def decode_hparams(inference, output_folder, batch_size):
     }
 
 
+class FolderDecoder:
+    """A compact model folder loaded once, scored on any number of datasets; the model's
+    weights may be swapped between calls (`model.load_state_dict`), as the delta sweep does.
+
+    `output_folder` gets wer_<split>.txt and decode_log.txt (default: the model folder).
+    """
+
+    def __init__(self, model_dir, batch_size=16, threads=None, overrides=None,
+                 output_folder=None):
+        self.model_dir = Path(model_dir).resolve()
+        if threads:
+            torch.set_num_threads(threads)
+        self.inference = load_inference_folder(self.model_dir, overrides)
+        output_folder = Path(output_folder or self.model_dir)
+        output_folder.mkdir(parents=True, exist_ok=True)
+        self.hparams = decode_hparams(self.inference, output_folder, batch_size)
+        modules = {"asr": self.inference["asr"], "normalize": self.inference["normalize"]}
+        # No tqdm bar when stderr is a log file: its redraws would make one endless line.
+        run_opts = {"device": "cpu", "noprogressbar": not sys.stderr.isatty()}
+        self.brain = ASRBrain(modules=modules, hparams=self.hparams, run_opts=run_opts)
+        self.brain.tokenizer = self.inference["tokenizer"]
+
+    @property
+    def model(self):
+        """The ConformerASR being scored."""
+        return self.inference["asr"]
+
+    def datasets(self, data_folder, splits, prepare_dir=None, every=1):
+        """{split: dataset} of a LibriSpeech-layout folder, CSVs prepared under `prepare_dir`
+        (default: the model folder's data/); `every` > 1 keeps every n-th utterance."""
+        csvs = prepare_librispeech(data_folder, Path(prepare_dir or self.model_dir / "data"),
+                                   splits=tuple(splits))
+        datasets = {split: csv_dataset(csvs[split]) for split in splits}
+        if every > 1:
+            datasets = {split: FilteredSortedDynamicItemDataset(data, data.data_ids[::every])
+                        for split, data in datasets.items()}
+        add_pipelines(list(datasets.values()), self.inference["tokenizer"],
+                      self.inference["bos_index"], self.inference["eos_index"])
+        return datasets
+
+    def score(self, datasets):
+        """`splits` and `decode` parts of results.json for the model as it is now."""
+        return evaluate_splits(self.brain, datasets, self.hparams)
+
+
 def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, threads=None,
                   overrides=None):
     """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json."""
-    model_dir = Path(model_dir).resolve()
-    if threads:
-        torch.set_num_threads(threads)
-    inference = load_inference_folder(model_dir, overrides)
-    hparams = decode_hparams(inference, model_dir, batch_size)
-    csvs = prepare_librispeech(data_folder, model_dir / "data", splits=tuple(splits))
-    test_datasets = {split: csv_dataset(csvs[split]) for split in splits}
-    tokenizer = inference["tokenizer"]
-    add_pipelines(list(test_datasets.values()), tokenizer, inference["bos_index"],
-                  inference["eos_index"])
-
-    modules = {"asr": inference["asr"], "normalize": inference["normalize"]}
-    # No tqdm bar when stderr is a log file: its redraws would make one endless line.
-    run_opts = {"device": "cpu", "noprogressbar": not sys.stderr.isatty()}
-    brain = ASRBrain(modules=modules, hparams=hparams, run_opts=run_opts)
-    brain.tokenizer = tokenizer
-    splits_result, decode = evaluate_splits(brain, test_datasets, hparams)
+    decoder = FolderDecoder(model_dir, batch_size, threads, overrides)
+    splits_result, decode = decoder.score(decoder.datasets(data_folder, splits))
+    model_dir = decoder.model_dir
     results = {
         **origin_of(model_dir),
         "model_kind": "shrunk",

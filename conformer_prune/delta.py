@@ -7,8 +7,9 @@ fraction of D and rescales it, so that the variant ships as a sparse delta:
   from a seeded generator), rescale the survivors by 1 / (1 - p): `D' = (1 - m) D / (1 - p)`,
   which keeps the expected value of every entry.
 - DAREx-q (Deng et al. 2025): the same mask, survivors divided by q instead of 1 - p
-  (q = 1 - p is DARE). How q is chosen (a dev-WER grid, an unlabelled criterion, per layer) is
-  the caller's: this module applies a given q.
+  (q = 1 - p is DARE); q is one number or one per tensor. `analytic_q` is the authors'
+  per-layer formula; choosing q by dev WER or by an unlabelled criterion needs a model and
+  data, and lives in delta_search.py.
 - magnitude: per tensor, keep the largest `round((1 - p) n)` entries of |D|, no rescaling.
 
 Which tensors: every floating-point tensor of the model's state dict that the fine-tuning
@@ -17,7 +18,9 @@ only its bitmask. The pruned delta is stored with `model.encode_sparse` (bitmask
 its settings and mask seed in `delta.json`, and `rebuild` adds it back to the base.
 """
 
+import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -48,24 +51,90 @@ def delta_of(base, finetuned):
 
 def prune_delta(delta, method, drop, q=None, seed=0):
     """The pruned and rescaled delta. `drop` is the drop rate p in [0, 1); `q` the DAREx
-    rescaling divisor (default 1 - p); `seed` draws the random masks (one generator, tensors
-    in key order, so the same seed gives the same masks)."""
+    rescaling divisor: None (DARE's 1 - p), one number, or {key: q} for every tensor; `seed`
+    draws the random masks (one generator, tensors in key order, so the same seed gives the
+    same masks whatever q is)."""
     if method not in METHODS:
         raise InputError(f"delta method {method!r}: expected one of {', '.join(METHODS)}")
     if not 0.0 <= drop < 1.0:
         raise InputError(f"drop rate {drop!r}: expected p in [0, 1)")
     if method == "magnitude":
         return {key: _keep_largest(d, drop) for key, d in delta.items()}
-    divisor = (1.0 - drop) if method == "dare" or q is None else q
-    if not 0.0 < divisor <= 1.0:
-        raise InputError(f"q {divisor!r}: expected a rescaling divisor in (0, 1]")
+    divisors = _divisors(delta, drop, None if method == "dare" else q)
     generator = torch.Generator().manual_seed(seed)
     pruned = {}
     for key in sorted(delta):
         d = delta[key]
         keep = torch.rand(d.shape, generator=generator) >= drop
-        pruned[key] = torch.where(keep, d / divisor, torch.zeros_like(d))
+        pruned[key] = torch.where(keep, d / divisors[key], torch.zeros_like(d))
     return {key: pruned[key] for key in delta}
+
+
+def _divisors(delta, drop, q):
+    """{key: q} from None (1 - p), a number, or a mapping that covers every tensor."""
+    if q is None:
+        q = 1.0 - drop
+    divisors = dict(q) if isinstance(q, dict) else dict.fromkeys(delta, q)
+    missing = sorted(set(delta) - set(divisors))
+    if missing:
+        raise InputError(f"q given per tensor but not for {missing[:3]}")
+    for key, value in divisors.items():
+        if not 0.0 < float(value) <= 1.0:
+            raise InputError(f"q {value!r} for {key}: expected a rescaling divisor in (0, 1]")
+    return divisors
+
+
+def phi(drop):
+    """(1 - 2p) / log((1 - p) / p), with its limit 1/2 at p = 1/2 (the sub-Gaussian variance
+    proxy of a Bernoulli(1 - p) mask, in the analytic q)."""
+    if abs(drop - 0.5) < 1e-9:
+        return 0.5
+    return (1.0 - 2.0 * drop) / math.log((1.0 - drop) / drop)
+
+
+def analytic_q(c, drop, eta, prob=0.95, step=0.001):
+    """DAREx-q per output row of one layer, analytically (the authors' analyticalq.py).
+
+    `c` [rows, columns]: delta_W * mean input per entry (the bias delta, times its input 1, as
+    an extra column). For each row, over q on a `step` grid from 1 - p to 0.998, the q that
+    minimises |eta (1 - (1 - p)/q) sum(c) + eta^2 phi(p) sum(c^2) / (4 q^2) + log(2/(1-prob))|,
+    a bound on the row's output change that holds with probability `prob`; `eta` balances
+    its two terms and is chosen by a criterion (delta_search.py). The layer's q is the mean
+    over rows. Differences from the authors' code: float64 instead of float16, and no early
+    stop of the scan once 80% of rows have passed their minimum (neither is part of the
+    method); ties go to the larger q, as theirs do.
+    """
+    start = round((1.0 - drop) / step)
+    grid = torch.arange(start, round(0.998 / step) + 1, dtype=torch.float64) * step
+    c = c.to(torch.float64)
+    sum_c, sum_c2 = c.sum(dim=1, keepdim=True), (c ** 2).sum(dim=1, keepdim=True)
+    objective = (eta * (1.0 - (1.0 - drop) / grid) * sum_c
+                 + eta ** 2 * phi(drop) * sum_c2 / (4.0 * grid ** 2)
+                 + math.log(2.0 / (1.0 - prob))).abs()
+    # Ties to the larger q: argmin of the reversed grid.
+    last = objective.flip(1).argmin(dim=1)
+    return grid.flip(0)[last]
+
+
+def layer_qs(delta, mean_inputs, drop, eta):
+    """{key: q} for every tensor of `delta`: each linear layer with a mean input
+    (`mean_inputs`: {module name: vector}) gets analytic_q's row mean, its bias the same q,
+    and every other tensor the mean over those layers (as in the authors' rescale_q)."""
+    qs = {}
+    for name, mean_input in mean_inputs.items():
+        weight, bias = f"{name}.weight", f"{name}.bias"
+        if weight not in delta or delta[weight].dim() != 2:
+            continue
+        c = delta[weight] * mean_input.reshape(1, -1)
+        if bias in delta:
+            c = torch.cat([c, delta[bias].reshape(-1, 1)], dim=1)
+        qs[weight] = float(analytic_q(c, drop, eta).mean())
+        if bias in delta:
+            qs[bias] = qs[weight]
+    if not qs:
+        raise InputError("analytic q: no linear layer of the delta has a measured input")
+    mean_q = sum(qs.values()) / len(qs)
+    return {key: qs.get(key, mean_q) for key in delta}
 
 
 def _keep_largest(d, drop):
@@ -81,6 +150,13 @@ def _keep_largest(d, drop):
 def rebuild(base, delta):
     """The variant's state dict: base plus the (pruned) delta."""
     return {key: base[key] + delta[key] if key in delta else base[key] for key in base}
+
+
+def stored_bytes(state):
+    """Bytes of `state` stored as save_delta stores it (bitmask + values), in memory."""
+    buffer = io.BytesIO()
+    torch.save(encode_sparse(state, min_zero_fraction=0.0), buffer)
+    return buffer.tell()
 
 
 def save_delta(out_dir, delta, info):
@@ -107,10 +183,11 @@ def load_delta(folder):
 # ----- command line ------------------------------------------------------------------------
 
 
-def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0):
+def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0, q_record=None):
     """Prunes the delta of a fine-tuned run against its base run; writes `out_dir` with the
     delta (delta.ckpt, delta.json), the variant's tokenizer and normaliser, and `model/`, the
-    rebuilt variant as an inference folder that `conformer-prune decode` scores."""
+    rebuilt variant as an inference folder that `conformer-prune decode` scores. `q` (darex_q)
+    is a number or {key: q}; `q_record` says how it was chosen (delta_search.choose_q)."""
     # Imported here: the delta math above needs no model code.
     from conformer_prune.shrink import decode_opts_from, load_gated_run
 
@@ -124,6 +201,7 @@ def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0):
     out_dir = Path(out_dir)
     info = save_delta(out_dir, pruned, {
         "method": method, "drop": drop, "q": q if method == "darex_q" else None, "seed": seed,
+        "q_search": q_record,
         "base": str(base["checkpoint"]), "finetuned": str(finetuned["checkpoint"]),
         "rebuild": f"conformer-prune delta apply {base_run} {out_dir} --out VARIANT_DIR",
     })
@@ -165,6 +243,12 @@ def add_parser(subparsers):
     make.add_argument("--drop", type=float, required=True, help="drop rate p in [0, 1)")
     make.add_argument("--q", type=float, default=None,
                       help="darex_q: the rescaling divisor (DARE's is 1 - p)")
+    make.add_argument("--q-search", choices=("dev", "unlabelled", "analytic"), default=None,
+                      help="darex_q: choose q by dev WER, by the unlabelled output change, or "
+                           "per layer analytically (docs/DELTA.md); needs --data-folder")
+    make.add_argument("--data-folder", default=None,
+                      help="the fine-tuning domain's LibriSpeech-layout folder (its dev-clean "
+                           "is searched)")
     make.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     make.add_argument("--out", required=True, help="the delta folder to write")
     make.set_defaults(func=_run_make)
@@ -173,12 +257,53 @@ def add_parser(subparsers):
     apply.add_argument("delta", help="a folder written by `conformer-prune delta make`")
     apply.add_argument("--out", required=True, help="the variant's inference folder")
     apply.set_defaults(func=_run_apply)
+    _add_sweep_parser(modes)
     return parser
 
 
+def _add_sweep_parser(modes):
+    from conformer_prune.delta_search import SWEEP_METHODS
+
+    sweep = modes.add_parser(
+        "sweep", help="WER of pruned deltas over drop rates, methods and mask seeds")
+    sweep.add_argument("base", help="the base training run")
+    sweep.add_argument("finetuned", help="the fine-tuned run")
+    sweep.add_argument("--data-folder", required=True, help="the fine-tuning domain's corpus")
+    sweep.add_argument("--base-data-folder", required=True, help="the base's corpus")
+    sweep.add_argument("--drops", default="0.5,0.9,0.95,0.99", help="drop rates p")
+    sweep.add_argument("--methods", default=",".join(SWEEP_METHODS),
+                       help="comma-separated, of: %(default)s")
+    sweep.add_argument("--seeds", default="0,1,2", help="mask seeds (the first chooses q)")
+    sweep.add_argument("--base-test-seeds", default="0",
+                       help="seeds whose variants are also scored on the base's test split")
+    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sweep.add_argument("--out", required=True, help="the sweep folder (a rerun resumes it)")
+    sweep.set_defaults(func=_run_sweep)
+    report = modes.add_parser("report", help="table and figure of one or more sweeps")
+    report.add_argument("sweeps", nargs="+", help="sweep folders (one per fine-tuned variant)")
+    report.add_argument("--out", required=True, help="the dashboard folder")
+    report.set_defaults(func=_run_report)
+
+
+def _numbers(text, kind):
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{text!r}: expected comma-separated {kind.__name__} values") from None
+
+
 def _run_make(args):
-    info = make_delta(args.base, args.finetuned, args.out, args.method, args.drop, args.q,
-                      args.seed)
+    q, record = args.q, None
+    if args.q_search:
+        if args.method != "darex_q" or args.data_folder is None or args.q is not None:
+            raise InputError("--q-search goes with --method darex_q and --data-folder, "
+                             "without --q")
+        from conformer_prune.delta_search import search_q
+        q, record = search_q(args.base, args.finetuned, args.q_search, args.drop, args.seed,
+                             args.data_folder)
+        record = {k: v for k, v in record.items() if k != "q"}
+    info = make_delta(args.base, args.finetuned, args.out, args.method, args.drop, q,
+                      args.seed, record)
     print(f"delta: {info['delta_nonzero']:,} of {info['delta_entries']:,} entries kept, "
           f"{info['bytes']:,} bytes ({args.out}/{DELTA_FILE}); variant: {args.out}/model")
     return 0
@@ -186,4 +311,24 @@ def _run_make(args):
 
 def _run_apply(args):
     print(f"wrote {apply_delta(args.base, args.delta, args.out)}")
+    return 0
+
+
+def _run_sweep(args):
+    from conformer_prune.delta_search import sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = sweep(args.base, args.finetuned, args.out, args.data_folder, args.base_data_folder,
+                _numbers(args.drops, float), args.methods.split(","),
+                _numbers(args.seeds, int), _numbers(args.base_test_seeds, int))
+    print(f"wrote {out}/points (conformer-prune delta report {out} --out DIR)")
+    return 0
+
+
+def _run_report(args):
+    from conformer_prune.delta_report import write_delta_report
+
+    out = write_delta_report(args.sweeps, args.out)
+    print(f"wrote {out}/index.html, {out}/delta.md")
     return 0

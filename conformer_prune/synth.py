@@ -607,6 +607,19 @@ def degradation_description(condition="studio"):
             "per_utterance": "uniform draws from the ranges, fixed by the seed"}
 
 
+def plan_corpus(root, hours, seed, eval_hours, vocab_size, condition):
+    """Every utterance's job, the speakers in use, the sentence rounds per split and the text
+    description: everything drawn from the seed, nothing rendered."""
+    sentences, text = load_text(vocab_size)
+    pool = list(sentences)
+    np.random.default_rng([seed, 0]).shuffle(pool)
+    speakers = make_speakers(seed, available_dialects(), available_variants(),
+                             available_flite_voices())
+    assigned, rounds = assign_sentences(pool, speakers, hours, eval_hours)
+    jobs, used = plan_jobs(root, assigned, seed, condition)
+    return jobs, used, rounds, text
+
+
 def build_corpus(out_dir, hours, seed=1234, eval_hours=None, workers=2, progress=True,
                  vocab_size=DEFAULT_VOCAB_SIZE, condition="studio"):
     """Build (or finish building) the corpus under ``out_dir/LibriSpeech``.
@@ -621,13 +634,7 @@ def build_corpus(out_dir, hours, seed=1234, eval_hours=None, workers=2, progress
     root = Path(out_dir) / "LibriSpeech"
     root.mkdir(parents=True, exist_ok=True)
 
-    sentences, text = load_text(vocab_size)
-    pool = list(sentences)
-    np.random.default_rng([seed, 0]).shuffle(pool)
-    speakers = make_speakers(seed, available_dialects(), available_variants(),
-                             available_flite_voices())
-    assigned, rounds = assign_sentences(pool, speakers, hours, eval_hours)
-    jobs, used = plan_jobs(root, assigned, seed, condition)
+    jobs, used, rounds, text = plan_corpus(root, hours, seed, eval_hours, vocab_size, condition)
     digest = plan_digest(jobs)
     check_same_plan(root / "CORPUS.json", digest)
 

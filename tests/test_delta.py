@@ -1,5 +1,7 @@
 """Delta-parameter pruning (DARE, DAREx-q, magnitude) and AdamR, on small tensors."""
 
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,43 @@ def test_adamr_keeps_the_delta_smaller_than_adam():
     moved = [sum(float((p - start[n]).norm()) for n, p in m.named_parameters())
              for m in (adam, adamr)]
     assert moved[1] < moved[0]
+
+
+def test_analytic_q_matches_the_hand_computed_minimum():
+    """For a row with sum c = S > 0 the objective's minimum is where its derivative vanishes:
+    eta S (1-p) / q^2 = eta^2 phi(p) sum(c^2) / (2 q^3), i.e. q* = eta phi(p) sum(c^2) / (2 (1-p) S).
+    One entry c = 0.3, p = 0.9, eta = 1: phi(0.9) = -0.8 / ln(1/9) = 0.364096, q* = 0.546144."""
+    from conformer_prune.delta import analytic_q, phi
+
+    assert phi(0.9) == pytest.approx(0.8 / math.log(9), rel=1e-12)
+    assert phi(0.5) == 0.5
+    q = analytic_q(torch.tensor([[0.3]]), drop=0.9, eta=1.0)
+    assert q.item() == pytest.approx(0.546, abs=1e-9)  # q* on the 0.001 grid
+
+
+def test_layer_q_of_a_tiny_linear_layer_by_hand():
+    """A 2x2 linear layer, mean input [1.0, 0.5], weight delta rows [0.2, 0.4] and [0.1, 0.2],
+    bias delta [0.1, 0.05]: c rows [0.2, 0.2, 0.1] and [0.1, 0.1, 0.05] (the bias as a column
+    with input 1). At p = 0.9, eta = 1: q* = phi sum(c^2) / (2 (1-p) sum c) = 0.327686 and
+    0.163843, so the grid gives 0.328 and 0.164 and the layer's q is their mean 0.246, for the
+    weight and its bias; the other tensor (no measured input) gets the mean of layer qs."""
+    from conformer_prune.delta import layer_qs
+
+    delta = {"lin.weight": torch.tensor([[0.2, 0.4], [0.1, 0.2]]),
+             "lin.bias": torch.tensor([0.1, 0.05]), "norm.weight": torch.tensor([0.3, 0.3])}
+    qs = layer_qs(delta, {"lin": torch.tensor([1.0, 0.5])}, drop=0.9, eta=1.0)
+    assert qs["lin.weight"] == pytest.approx(0.246, abs=1e-9)
+    assert qs["lin.bias"] == qs["lin.weight"] == qs["norm.weight"]
+
+
+def test_per_tensor_q_rescales_each_tensor_with_the_dare_masks():
+    base, finetuned = _pair()
+    delta = delta_of(base, finetuned)
+    dare = prune_delta(delta, "dare", drop=0.8, seed=2)
+    darex = prune_delta(delta, "darex_q", drop=0.8, q={"a": 0.4, "b": 0.25}, seed=2)
+    for key, q in (("a", 0.4), ("b", 0.25)):
+        kept = dare[key] != 0
+        assert torch.equal(darex[key] != 0, kept)
+        assert torch.allclose(darex[key][kept], dare[key][kept] * 0.2 / q)
+    with pytest.raises(InputError, match="not for"):
+        prune_delta(delta, "darex_q", drop=0.8, q={"a": 0.4}, seed=2)

@@ -203,3 +203,49 @@ def test_unstructured_pruning_leaves_exact_zeros_stored_sparse_that_decode_alike
     variant = json.loads((delta / "model" / "results.json").read_text())
     for split in ("test-clean", "test-other"):
         assert variant["splits"][split]["wer"] == results["splits"][split]["wer"], split
+
+
+def test_a_fine_tuned_variant_ships_as_a_pruned_delta_and_the_sweep_resumes(
+        dense_run, corpus, tmp_path):
+    """conformer_farfield.yaml fine-tunes the dense run with AdamR; `delta make --q-search`
+    writes a delta of a tenth of the entries with per-layer q; `delta sweep` writes one point
+    per method, drop rate and seed (magnitude, deterministic, once), scores the base's test
+    split for seed 0 only, and a rerun recomputes nothing; `delta report` tabulates it."""
+    from conformer_prune.delta_search import DEV_GRID_POINTS
+
+    run = tmp_path / "variant"
+    train_tiny("hparams/mini/conformer_farfield.yaml", corpus, run, 1,
+               f"--dense_run={dense_run}", "--adamr_pull=0.1",
+               f"--dynamic_batching={SMALL_BATCHES}")
+    assert json.loads((run / "results.json").read_text())["method"] == "finetune"
+
+    delta = tmp_path / "delta"
+    assert cli_main(["delta", "make", str(dense_run), str(run), "--method", "darex_q",
+                     "--drop", "0.9", "--q-search", "analytic", "--data-folder", str(corpus),
+                     "--out", str(delta)]) == 0
+    info = json.loads((delta / "delta.json").read_text())
+    assert isinstance(info["q"], dict) and info["q_search"]["search"] == "analytic"
+    assert info["delta_nonzero"] < 0.15 * info["delta_entries"]
+    assert cli_main(["decode", str(delta / "model"), "--data-folder", str(corpus)]) == 0
+
+    sweep_dir = tmp_path / "sweep"
+    sweep = ["delta", "sweep", str(dense_run), str(run), "--data-folder", str(corpus),
+             "--base-data-folder", str(corpus), "--drops", "0.9", "--seeds", "0,1",
+             "--out", str(sweep_dir)]
+    assert cli_main(sweep) == 0
+    points = {p.name: p for p in (sweep_dir / "points").glob("*.json")}
+    random_methods = ("dare", "darex_q_dev", "darex_q_unlabelled", "darex_q_analytic")
+    assert sorted(points) == sorted([f"{m}_p0.9_s{s}.json" for m in random_methods
+                                     for s in (0, 1)] + ["magnitude_p0.9_s0.json"])
+    first, second = (json.loads(points[f"dare_p0.9_s{s}.json"].read_text()) for s in (0, 1))
+    assert first["wer"]["base"] is not None and second["wer"]["base"] is None
+    dev_search = json.loads((sweep_dir / "q" / "darex_q_dev_p0.9.json").read_text())
+    assert len(dev_search["tried"]) == DEV_GRID_POINTS
+    written = {name: p.stat().st_mtime_ns for name, p in points.items()}
+    assert cli_main(sweep) == 0
+    assert {name: p.stat().st_mtime_ns for name, p in points.items()} == written
+
+    dashboard = tmp_path / "dashboard"
+    assert cli_main(["delta", "report", str(sweep_dir), "--out", str(dashboard)]) == 0
+    table = (dashboard / "delta.md").read_text()
+    assert "darex_q_analytic" in table and (dashboard / "delta_wer_vs_bytes.png").exists()

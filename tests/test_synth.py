@@ -227,3 +227,20 @@ def test_cli_parser():
     assert (args.out, args.hours, args.seed, args.eval_hours, args.workers) == \
         ("x", 0.5, 3, 0.1, 1)
     assert args.func is synth.run
+
+
+def test_far_field_records_the_studio_corpus_sentences_and_speakers_across_a_room(tmp_path):
+    """The fine-tuning domain of docs/DELTA.md: with the studio corpus's seed and sizes, every
+    split has the same speakers and sentences, and every utterance is reverberant and at the
+    far-field SNR (so its test-clean is the studio test-clean heard from afar)."""
+    plans = {condition: synth.plan_corpus(tmp_path, 0.01, 7, 0.003, 60, condition)[0]
+             for condition in ("studio", "far-field")}
+    room = synth.CONDITIONS["far-field"]
+    for studio, far in zip(plans["studio"], plans["far-field"], strict=True):
+        assert (far["utt_id"], far["transcript"], far["voice"]) == \
+            (studio["utt_id"], studio["transcript"], studio["voice"])
+        assert room["rt60_s"][0] <= far["rt60_s"] <= room["rt60_s"][1]
+        assert room["snr_db"][0] <= far["snr_db"] <= room["snr_db"][1]
+    assert synth.plan_digest(plans["studio"]) != synth.plan_digest(plans["far-field"])
+    with pytest.raises(synth.CorpusError, match="condition 'outdoors'"):
+        synth.build_corpus(tmp_path, 0.01, condition="outdoors")

@@ -1,0 +1,291 @@
+"""Choosing DAREx-q's rescaling divisor q (METHODS.md section 3), and the delta sweep.
+
+DARE divides the kept delta entries by 1 - p; at high drop rates that over-amplifies them and
+the rebuilt variant breaks. DAREx-q divides by a q chosen for the variant, three ways:
+
+- `dev`: one global q, the one with the lowest WER on a small labelled dev set (every
+  `dev_every`-th utterance of the domain's dev split), over a geometric grid from 1 - p to 1;
+- `unlabelled`: one global q, the one whose pruned variant changes the last encoder layer's
+  outputs least against the unpruned variant, on a few utterances whose transcripts are not
+  used, over a finer grid;
+- `analytic`: one q per linear layer from delta.analytic_q, which needs each layer's mean
+  input (measured on the same utterances) and a balance `eta`; eta is chosen by the
+  unlabelled criterion over ETA_GRID, as the authors choose it by a criterion.
+
+Every choice uses the masks of the first seed; the chosen q is then used for every seed.
+
+`sweep` runs the whole evaluation of docs/DELTA.md: for each drop rate, method and mask seed,
+the rebuilt variant's WER on the domain's test split and on the base's test-clean, with the
+delta's bytes, one JSON per point so that a killed sweep resumes where it stopped.
+"""
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from conformer_prune.delta import (
+    delta_of,
+    layer_qs,
+    make_delta,
+    prune_delta,
+    rebuild,
+    stored_bytes,
+)
+from conformer_prune.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+Q_SEARCHES = ("dev", "unlabelled", "analytic")
+DEV_GRID_POINTS = 7  # each point decodes the dev subset: the costly search
+UNLABELLED_GRID_POINTS = 41  # each point is an encoder pass over the probe utterances
+ETA_GRID = tuple(10.0 ** k for k in range(-1, 7))
+SWEEP_METHODS = ("dare", "darex_q_dev", "darex_q_unlabelled", "darex_q_analytic", "magnitude")
+
+
+def q_grid(drop, points):
+    """`points` q values from 1 - p (DARE) to 1 (no rescaling), evenly spaced in log q."""
+    low = 1.0 - drop
+    return [low ** (1.0 - i / (points - 1)) for i in range(points)]
+
+
+class EncoderProbe:
+    """A few utterances' features, and what the model's encoder makes of them: the unlabelled
+    criterion and the mean inputs of the linear layers (analytic q). One utterance per pass,
+    so that no padding enters a mean."""
+
+    def __init__(self, decoder, dataset, utterances=32):
+        self.model = decoder.model
+        self.feats = []
+        compute, normalize = decoder.inference["compute_features"], decoder.inference["normalize"]
+        normalize.eval()
+        # Spread over the split (it is sorted by duration), not its shortest utterances.
+        picked = range(0, len(dataset), max(1, len(dataset) // max(1, utterances)))
+        with torch.no_grad():
+            for i in list(picked)[:utterances]:
+                wav = dataset[i]["sig"].unsqueeze(0)
+                self.feats.append(normalize(compute(wav), torch.ones(1)))
+        if not self.feats:
+            raise InputError("the probe split has no utterances")
+        self.reference = self.encoder_outputs()
+
+    @torch.no_grad()
+    def encoder_outputs(self):
+        self.model.eval()
+        outputs = []
+        for feats in self.feats:
+            src = self.model["CNN"](feats)
+            outputs.append(self.model["Transformer"].encode(src, torch.ones(1)))
+        return outputs
+
+    def change(self):
+        """Mean squared change of the encoder outputs against the reference (the unpruned
+        variant's), relative to the reference's mean square."""
+        outputs = self.encoder_outputs()
+        num = sum(float(((o - r) ** 2).mean()) for o, r in zip(outputs, self.reference))
+        den = sum(float((r ** 2).mean()) for r in self.reference)
+        return num / den
+
+    @torch.no_grad()
+    def mean_inputs(self):
+        """{linear module name: mean input vector} over every frame of the probe utterances,
+        for the linear layers that the encoder pass and the CTC head use."""
+        sums, counts, hooks = {}, {}, []
+
+        def hook_for(name):
+            def hook(module, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+                sums[name] = sums.get(name, 0) + x.sum(dim=0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            return hook
+
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                hooks.append(module.register_forward_hook(hook_for(name)))
+        try:
+            for out in self.encoder_outputs():
+                self.model["ctc_lin"](out)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        return {name: (sums[name] / counts[name]).to(torch.float32) for name in sums}
+
+
+class VariantLab:
+    """The unpruned variant loaded once; variants of it (base + pruned delta) swapped in and
+    measured: WER on datasets, output change on the probe."""
+
+    def __init__(self, decoder, base_state, probe=None):
+        self.decoder, self.probe = decoder, probe
+        self.finetuned = {k: v.clone() for k, v in decoder.model.state_dict().items()}
+        if base_state.keys() != self.finetuned.keys():
+            raise InputError("the base run's tensors differ from the variant's; was the "
+                             "variant fine-tuned from this base?")
+        self.base = base_state
+        self.delta = delta_of(base_state, self.finetuned)
+
+    def load(self, state):
+        self.decoder.model.load_state_dict(state)
+
+    def load_pruned(self, method, drop, q=None, seed=0):
+        """Loads base + pruned delta; returns the pruned delta."""
+        pruned = prune_delta(self.delta, method, drop, q, seed)
+        self.load(rebuild(self.base, pruned))
+        return pruned
+
+    def wer(self, datasets):
+        splits, _ = self.decoder.score(datasets)
+        return {split: round(result["wer"], 2) for split, result in splits.items()}
+
+
+def choose_q(lab, search, drop, seed, dev_sets=None):
+    """(q, record): q a number (`dev`, `unlabelled`) or {key: q} (`analytic`); the record
+    lists every candidate tried with its criterion value."""
+    started = time.perf_counter()
+    if search == "dev":
+        tried = []
+        for q in q_grid(drop, DEV_GRID_POINTS):
+            lab.load_pruned("darex_q", drop, q, seed)
+            tried.append({"q": q, "dev_wer": lab.wer(dev_sets)})
+        best = min(tried, key=lambda t: (sum(t["dev_wer"].values()), -t["q"]))
+        chosen = best["q"]
+    elif search == "unlabelled":
+        tried = []
+        for q in q_grid(drop, UNLABELLED_GRID_POINTS):
+            lab.load_pruned("darex_q", drop, q, seed)
+            tried.append({"q": q, "output_change": lab.probe.change()})
+        chosen = min(tried, key=lambda t: t["output_change"])["q"]
+    elif search == "analytic":
+        lab.load(lab.finetuned)
+        mean_inputs = lab.probe.mean_inputs()
+        tried, per_eta = [], {}
+        for eta in ETA_GRID:
+            qs = layer_qs(lab.delta, mean_inputs, drop, eta)
+            lab.load_pruned("darex_q", drop, qs, seed)
+            per_eta[eta] = qs
+            tried.append({"eta": eta, "output_change": lab.probe.change(),
+                          "q_mean": sum(qs.values()) / len(qs),
+                          "q_min": min(qs.values()), "q_max": max(qs.values())})
+        chosen = per_eta[min(tried, key=lambda t: t["output_change"])["eta"]]
+    else:
+        raise InputError(f"q search {search!r}: expected one of {', '.join(Q_SEARCHES)}")
+    record = {"search": search, "drop": drop, "mask_seed": seed, "tried": tried,
+              "seconds": round(time.perf_counter() - started, 1)}
+    record["q"] = chosen
+    return chosen, record
+
+
+# ----- the sweep -----------------------------------------------------------------------------
+
+
+def _point_name(method, drop, seed):
+    return f"{method}_p{drop:g}_s{seed}.json"
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def _read_json(path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops, methods,
+          seeds, base_test_seeds=(0,), test_split="test-clean", dev_split="dev-clean",
+          dev_every=2, probe_utterances=32, batch_size=16):
+    """Evaluates pruned deltas of FINETUNED against BASE; writes out_dir/points/*.json (one per
+    method, drop rate and seed; existing ones are kept: a rerun resumes), out_dir/q/*.json
+    (how each q was chosen) and out_dir/reference.json (base and unpruned variant)."""
+    from conformer_prune.decode import FolderDecoder
+    from conformer_prune.shrink import load_gated_run
+
+    unknown = sorted(set(methods) - set(SWEEP_METHODS))
+    if unknown:
+        raise InputError(f"sweep methods {unknown}: expected some of {', '.join(SWEEP_METHODS)}")
+    out_dir = Path(out_dir)
+    unpruned = out_dir / "unpruned"
+    if not (unpruned / "model" / "hyperparams.yaml").exists():
+        make_delta(base_run, finetuned_run, unpruned, "dare", 0.0)
+    decoder = FolderDecoder(unpruned / "model", batch_size=batch_size,
+                            output_folder=out_dir / "decode")
+    domain = decoder.datasets(data_folder, [test_split], out_dir / "data" / "domain")
+    dev = decoder.datasets(data_folder, [dev_split], out_dir / "data" / "domain", every=dev_every)
+    base_domain = decoder.datasets(base_data_folder, [test_split], out_dir / "data" / "base")
+    probe = EncoderProbe(decoder, dev[dev_split], probe_utterances)
+    lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(), probe)
+    full_bytes = stored_bytes({k: v for k, v in lab.finetuned.items()})
+
+    def both_wers():
+        return {"domain": lab.wer(domain)[test_split], "base": lab.wer(base_domain)[test_split]}
+
+    reference_file = out_dir / "reference.json"
+    if not reference_file.exists():
+        lab.load(lab.finetuned)
+        finetuned = both_wers()
+        lab.load(lab.base)
+        base = both_wers()
+        _write_json(reference_file, {
+            "base_run": str(base_run), "finetuned_run": str(finetuned_run),
+            "data_folder": str(data_folder), "base_data_folder": str(base_data_folder),
+            "test_split": test_split, "full_checkpoint_bytes": full_bytes,
+            "delta_entries": sum(d.numel() for d in lab.delta.values()),
+            "finetuned": finetuned, "base": base})
+    for drop in drops:
+        for method in methods:
+            for seed in (seeds if method != "magnitude" else seeds[:1]):
+                point = out_dir / "points" / _point_name(method, drop, seed)
+                if point.exists():
+                    continue
+                q, q_record = _q_for(lab, method, drop, seeds[0], dev, out_dir)
+                started = time.perf_counter()
+                pruned = lab.load_pruned(_delta_method(method), drop, q, seed)
+                wers = both_wers() if seed in base_test_seeds else {
+                    "domain": lab.wer(domain)[test_split], "base": None}
+                _write_json(point, {
+                    "method": method, "drop": drop, "seed": seed, "wer": wers,
+                    "bytes": stored_bytes(pruned), "full_checkpoint_bytes": full_bytes,
+                    "nonzero": sum(int(torch.count_nonzero(d)) for d in pruned.values()),
+                    "q": q_record, "seconds": round(time.perf_counter() - started, 1)})
+                logger.info("delta sweep: %s p=%g seed %d: domain WER %s, base WER %s",
+                            method, drop, seed, wers["domain"], wers["base"])
+    return out_dir
+
+
+def _delta_method(method):
+    """The delta.prune_delta method of a sweep method (the darex_q_* differ in q only)."""
+    return "darex_q" if method.startswith("darex_q_") else method
+
+
+def _q_for(lab, method, drop, seed, dev_sets, out_dir):
+    """The q of a sweep method at one drop rate, chosen once and kept in out_dir/q/."""
+    if not method.startswith("darex_q_"):
+        return None, None
+    search = method[len("darex_q_"):]
+    path = out_dir / "q" / f"{method}_p{drop:g}.json"
+    record = _read_json(path)
+    if record is None:
+        _, record = choose_q(lab, search, drop, seed, dev_sets)
+        _write_json(path, record)
+    return record["q"], {k: v for k, v in record.items() if k != "tried"}
+
+
+def search_q(base_run, finetuned_run, search, drop, seed, data_folder, dev_split="dev-clean",
+             dev_every=2, probe_utterances=32):
+    """`conformer-prune delta make --q-search`: (q, record) for one variant and drop rate, the
+    unpruned variant exported to a temporary inference folder for the search."""
+    from conformer_prune.decode import FolderDecoder
+    from conformer_prune.shrink import load_gated_run
+
+    with tempfile.TemporaryDirectory(prefix="delta-q-") as tmp:
+        make_delta(base_run, finetuned_run, Path(tmp) / "unpruned", "dare", 0.0)
+        decoder = FolderDecoder(Path(tmp) / "unpruned" / "model", output_folder=Path(tmp) / "decode")
+        dev = decoder.datasets(data_folder, [dev_split], Path(tmp) / "data", every=dev_every)
+        lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(),
+                         EncoderProbe(decoder, dev[dev_split], probe_utterances))
+        return choose_q(lab, search, drop, seed, dev)

@@ -21,6 +21,7 @@ delta's bytes, one JSON per point so that a killed sweep resumes where it stoppe
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -211,12 +212,15 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     out_dir = Path(out_dir)
     unpruned = out_dir / "unpruned"
     if not (unpruned / "model" / "hyperparams.yaml").exists():
-        make_delta(base_run, finetuned_run, unpruned, "dare", 0.0)
+        _export_unpruned(base_run, finetuned_run, unpruned)
+    # Sweeps of other methods may run beside this one on the same folder: each prepares its
+    # own CSVs, and writes only its own points and q files.
+    scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=out_dir))
     decoder = FolderDecoder(unpruned / "model", batch_size=batch_size,
-                            output_folder=out_dir / "decode")
-    domain = decoder.datasets(data_folder, [test_split], out_dir / "data" / "domain")
-    dev = decoder.datasets(data_folder, [dev_split], out_dir / "data" / "domain", every=dev_every)
-    base_domain = decoder.datasets(base_data_folder, [test_split], out_dir / "data" / "base")
+                            output_folder=scratch / "decode")
+    domain = decoder.datasets(data_folder, [test_split], scratch / "domain")
+    dev = decoder.datasets(data_folder, [dev_split], scratch / "domain", every=dev_every)
+    base_domain = decoder.datasets(base_data_folder, [test_split], scratch / "base")
     probe = EncoderProbe(decoder, dev[dev_split], probe_utterances)
     lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(), probe)
     full_bytes = stored_bytes({k: v for k, v in lab.finetuned.items()})
@@ -224,18 +228,6 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     def both_wers():
         return {"domain": lab.wer(domain)[test_split], "base": lab.wer(base_domain)[test_split]}
 
-    reference_file = out_dir / "reference.json"
-    if not reference_file.exists():
-        lab.load(lab.finetuned)
-        finetuned = both_wers()
-        lab.load(lab.base)
-        base = both_wers()
-        _write_json(reference_file, {
-            "base_run": str(base_run), "finetuned_run": str(finetuned_run),
-            "data_folder": str(data_folder), "base_data_folder": str(base_data_folder),
-            "test_split": test_split, "full_checkpoint_bytes": full_bytes,
-            "delta_entries": sum(d.numel() for d in lab.delta.values()),
-            "finetuned": finetuned, "base": base})
     for drop in drops:
         for method in methods:
             for seed in (seeds if method != "magnitude" else seeds[:1]):
@@ -254,7 +246,34 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
                     "q": q_record, "seconds": round(time.perf_counter() - started, 1)})
                 logger.info("delta sweep: %s p=%g seed %d: domain WER %s, base WER %s",
                             method, drop, seed, wers["domain"], wers["base"])
+    # Last, so that sweeps of other methods into the same folder, run side by side, do not
+    # all score the references at once: the first to finish does.
+    reference_file = out_dir / "reference.json"
+    if not reference_file.exists():
+        lab.load(lab.finetuned)
+        finetuned = both_wers()
+        lab.load(lab.base)
+        base = both_wers()
+        _write_json(reference_file, {
+            "base_run": str(base_run), "finetuned_run": str(finetuned_run),
+            "data_folder": str(data_folder), "base_data_folder": str(base_data_folder),
+            "test_split": test_split, "full_checkpoint_bytes": full_bytes,
+            "delta_entries": sum(d.numel() for d in lab.delta.values()),
+            "finetuned": finetuned, "base": base})
+    shutil.rmtree(scratch, ignore_errors=True)
     return out_dir
+
+
+def _export_unpruned(base_run, finetuned_run, folder):
+    """The unpruned variant (base + whole delta) as a delta folder with its model/, written
+    aside and renamed into place, so that two sweeps starting together cannot mix files."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix="unpruned-", dir=folder.parent))
+    make_delta(base_run, finetuned_run, aside, "dare", 0.0)
+    try:
+        aside.rename(folder)
+    except OSError:  # the other sweep was first: same files
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _delta_method(method):

@@ -223,7 +223,8 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     base_domain = decoder.datasets(base_data_folder, [test_split], scratch / "base")
     probe = EncoderProbe(decoder, dev[dev_split], probe_utterances)
     lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(), probe)
-    full_bytes = stored_bytes({k: v for k, v in lab.finetuned.items()})
+    # The full checkpoint a variant would ship without a delta: the unpruned variant's file.
+    full_bytes = (unpruned / "model" / "model.ckpt").stat().st_size
 
     def both_wers():
         return {"domain": lab.wer(domain)[test_split], "base": lab.wer(base_domain)[test_split]}

@@ -8,12 +8,12 @@
 #   2. the far-field corpus (0.5 h train, 0.1 h per evaluation split);
 #   3. the base fine-tuned on it with plain Adam and with AdamR at each pull in PULLS;
 #   4. delta sweeps: the Adam variant with DARE, DAREx-q (q by dev WER, unlabelled, analytic)
-#      and magnitude; the AdamR variant at L2_PULL with DARE (DAREx-L2); each at the drop
+#      and magnitude; the AdamR variants at L2_PULLS with DARE (DAREx-L2); each at the drop
 #      rates DROPS and mask seeds MASK_SEEDS; WER on the far-field test-clean for every seed
 #      and on the base's test-clean for the first seed;
 #   5. the dashboard (OUT/index.html, OUT/delta.md).
-# Three sweep processes run side by side (one thread each); a 2-core machine takes about
-# 1.5 h for stage 4 at the defaults.
+# The sweeps run as four processes side by side (one thread each); a 2-core machine takes
+# about 1.5 h for stage 4 at the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-corpus}
@@ -21,7 +21,7 @@ FARFIELD=${FARFIELD:-corpus_farfield}
 SEED=${SEED:-1986}
 OUT=${OUT:-dashboard_delta}
 PULLS=${PULLS:-"0.03 0.1 0.3 1.0"}
-L2_PULL=${L2_PULL:-0.03}
+L2_PULLS=${L2_PULLS:-"0.03 0.1"}
 DROPS=${DROPS:-0.5,0.9,0.95,0.99}
 MASK_SEEDS=${MASK_SEEDS:-0,1,2}
 JOBS=${JOBS:-2}
@@ -49,15 +49,19 @@ sweep() {  # sweep NAME PULL METHODS
         > "results/delta_$1_$3.log" 2>&1
 }
 mkdir -p results/delta
-# The Adam variant's methods in two processes (the points are separate files), the AdamR one
-# in a third.
+# The Adam variant's methods in two processes (the points are separate files), each AdamR
+# variant in one more.
 sweep adam 0.0 dare,magnitude,darex_q_dev &
 sweep adam 0.0 darex_q_unlabelled,darex_q_analytic &
-sweep "adamr$L2_PULL" "$L2_PULL" dare &
+sweeps=(results/delta/adam)
+for pull in $L2_PULLS; do
+    sweep "adamr$pull" "$pull" dare &
+    sweeps+=("results/delta/adamr$pull")
+done
 failed=0
 for job in $(jobs -p); do wait "$job" || failed=1; done
 if [ $failed = 1 ]; then echo "FAILED: see results/delta_*.log"; exit 1; fi
 
 stage "dashboard"
-conformer-prune delta report results/delta/adam "results/delta/adamr$L2_PULL" --out "$OUT"
+conformer-prune delta report "${sweeps[@]}" --out "$OUT"
 stage "done: open $OUT/index.html"

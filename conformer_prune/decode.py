@@ -9,6 +9,7 @@ the training recipe's test stage, so that the gated and the shrunk model are sco
 import json
 import logging
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class FolderDecoder:
         self.model_dir = Path(model_dir).resolve()
         if threads:
             torch.set_num_threads(threads)
+        # SpeechBrain's decoder passes a bool padding mask with a float causal mask to torch's
+        # attention, which warns on every batch: one line per batch of a long sweep's log.
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
         self.inference = load_inference_folder(self.model_dir, overrides)
         output_folder = Path(output_folder or self.model_dir)
         output_folder.mkdir(parents=True, exist_ok=True)

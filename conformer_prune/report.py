@@ -5,7 +5,10 @@ writes into one output folder:
 
 - `index.html`: a self-contained dashboard (plotly.js inlined once, works offline),
 - PNG figures of the same views (matplotlib, Agg),
-- `runs.csv` and `runs.md`: one row per run.
+- `runs.csv` and `runs.md`: one row per run,
+- `seeds.csv` and `seeds.md` when a recipe ran at several seeds: one row per recipe, each WER as
+  mean ± standard deviation (n) with its min-max range, and the differences between recipes
+  that are larger than the spread (every seed of one below every seed of the other).
 
 docs/DASHBOARD.md describes the views.
 """
@@ -371,6 +374,103 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+# ---------------------------------------------------------------- across seeds
+
+
+def seed_groups(runs: list[dict]) -> list[dict]:
+    """The runs of one recipe (same name and model kind) at two or more seeds, one group each:
+    {name, method, model_kind, label, seeds, runs}. A comparison between methods is only as
+    good as the spread of each across seeds; the dashboard shows both."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["name"], run["model_kind"]), []).append(run)
+    found = []
+    for (name, model_kind), members in groups.items():
+        seeds = sorted({str(run["seed"]) for run in members})
+        if len(seeds) < 2:
+            continue
+        label = f"{name} [{model_kind}]" if len({r["model_kind"] for r in runs
+                                                  if r["name"] == name}) > 1 else name
+        found.append({"name": name, "method": members[0]["method"], "model_kind": model_kind,
+                      "label": label, "seeds": seeds, "runs": members})
+    return found
+
+
+def spread(values) -> dict | None:
+    """mean, sample standard deviation (0 for one value), min, max and n of the numbers."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
+        if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _group_wer(group: dict, split: str):
+    return spread(run["splits"].get(split, {}).get("wer") for run in group["runs"])
+
+
+def _group_x(group: dict, split: str, x_of):
+    """Mean x of the group's runs that have a WER and an x for this split, or None."""
+    points = _tradeoff_points(group["runs"], split, x_of)
+    return sum(x for _, x, _ in points) / len(points) if points else None
+
+
+def _seed_row(group: dict, splits: list[str]) -> dict:
+    row = {"recipe": group["label"], "method": group["method"], "seeds": len(group["seeds"]),
+           "params_encoder": (spread(r["params"]["encoder"] for r in group["runs"]) or {})
+           .get("mean")}
+    for split in splits:
+        wer = _group_wer(group, split)
+        row[f"wer_{split}"] = (f"{wer['mean']:.2f} ± {wer['sd']:.2f} ({wer['n']})"
+                               if wer else None)
+        row[f"range_{split}"] = f"{wer['min']:.2f}-{wer['max']:.2f}" if wer else None
+    return row
+
+
+def separated_pairs(groups: list[dict], splits: list[str]) -> list[str]:
+    """The claims `A < B` that the seeds support: every seed of A below every seed of B
+    (their min-max ranges do not overlap), per split."""
+    claims = []
+    for split in splits:
+        ranges = [(g["label"], _group_wer(g, split)) for g in groups]
+        ranges = [(label, wer) for label, wer in ranges if wer and wer["n"] > 1]
+        for label_a, a in ranges:
+            for label_b, b in ranges:
+                if a["max"] < b["min"]:
+                    claims.append(f"{split}: {label_a} ({a['mean']:.2f}) below {label_b} "
+                                  f"({b['mean']:.2f}) at every seed")
+    return claims
+
+
+def _write_seeds(out_dir: Path, groups: list[dict], splits: list[str]) -> None:
+    rows = [_seed_row(group, splits) for group in groups]
+    columns = list(rows[0])
+    with (out_dir / "seeds.csv").open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [SEEDS_NOTE, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_seed_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    claims = separated_pairs(groups, splits)
+    lines += ["", "Differences larger than the spread:" if claims else
+              "No difference between recipes is larger than their spread across seeds."]
+    lines += [f"- {claim}" for claim in claims]
+    (out_dir / "seeds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _seed_cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    return _fmt_int(value) if key == "params_encoder" else str(value)
+
+
+SEEDS_NOTE = ("WER cells: mean ± sample standard deviation (number of seeds); range: min-max "
+              "over the seeds. In the figures, a diamond is a recipe's mean over its seeds and "
+              "its bar spans min-max.")
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -483,6 +583,12 @@ def _png_tradeoff(runs, splits, colours, title, x_of):
         for method in sorted({run["method"] for run, _, _ in points}):
             mine = [(x, wer) for run, x, wer in points if run["method"] == method]
             ax.scatter(*zip(*mine), color=colours[method], label=method, zorder=3)
+        for group in seed_groups([run for run, _, _ in points]):
+            wer, x = _group_wer(group, split), _group_x(group, split, x_of)
+            ax.errorbar([x], [wer["mean"]], yerr=[[wer["mean"] - wer["min"]],
+                                                  [wer["max"] - wer["mean"]]],
+                        fmt="D", color=colours[group["method"]], capsize=4, markersize=8,
+                        markeredgecolor="black", zorder=4)
         front = pareto_front([(x, wer) for _, x, wer in points])
         ax.step([points[i][1] for i in front], [points[i][2] for i in front], where="post",
                 color="grey", linestyle=":", label="Pareto front")
@@ -604,6 +710,19 @@ def _plotly_tradeoff(runs, split, colours):
                 marker={"color": colours[method], "size": 10},
                 hovertemplate="%{text}<br>" + title + ": %{x:,.4g}<br>WER: %{y:.2f}%"
                               f"<extra>{html.escape(method)}</extra>"))
+        for group in seed_groups([run for run, _, _ in points]):
+            wer, x = _group_wer(group, split), _group_x(group, split, x_of)
+            fig.add_trace(go.Scatter(
+                x=[x], y=[wer["mean"]], name=f"{group['label']}: mean of {wer['n']} seeds",
+                legendgroup=group["method"], mode="markers",
+                marker={"color": colours[group["method"]], "size": 13, "symbol": "diamond",
+                        "line": {"color": "black", "width": 1}},
+                error_y={"type": "data", "symmetric": False,
+                         "array": [wer["max"] - wer["mean"]],
+                         "arrayminus": [wer["mean"] - wer["min"]]},
+                hovertemplate=f"{html.escape(group['label'])}: mean of {wer['n']} seeds"
+                              f"<br>WER %{{y:.2f}}% (min {wer['min']:.2f}, max "
+                              f"{wer['max']:.2f})<extra></extra>"))
         front = [points[i] for i in pareto_front([(x, wer) for _, x, wer in points])]
         fig.add_trace(go.Scatter(
             x=[x for _, x, _ in front], y=[wer for _, _, wer in front], name="Pareto front",
@@ -739,6 +858,7 @@ def _page(runs, splits, colours, pngs, rows, columns) -> str:
         ("tradeoff", "WER against size and speed", _tradeoff_html(runs, splits, colours)),
         ("gates", "Kept units per layer and site", _gates_html(runs)),
         ("curves", "Training curves", _curves_html(runs)),
+        ("seeds", "Across seeds", _seeds_html(runs, splits)),
         ("table", "Runs", _table_html(rows, columns)),
         ("files", "Files", _files_html(pngs)),
     ]
@@ -829,6 +949,24 @@ def _table_html(rows, columns) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
+def _seeds_html(runs, splits) -> str:
+    groups = seed_groups(runs)
+    if not groups:
+        return _note_html("No recipe has runs at two or more seeds.")
+    rows = [_seed_row(group, splits) for group in groups]
+    head = "".join(f"<th>{html.escape(key)}</th>" for key in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_seed_cell(k, v))}</td>"
+                                    for k, v in row.items()) + "</tr>" for row in rows)
+    claims = separated_pairs(groups, splits)
+    listing = ("<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims) + "</ul>"
+               if claims else _note_html("No difference between recipes is larger than their "
+                                         "spread across seeds."))
+    return (f"<p>{html.escape(SEEDS_NOTE)} Also in <a href=\"seeds.md\">seeds.md</a>.</p>"
+            f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}'
+            f"</tbody></table></div><p>Differences larger than the spread (every seed of one "
+            f"below every seed of the other):</p>{listing}")
+
+
 def _files_html(pngs) -> str:
     links = "".join(f'<li><a href="{html.escape(name)}">{html.escape(name)}</a></li>'
                     for name in pngs)
@@ -853,6 +991,9 @@ def write_report(run_dirs, out_dir) -> Path:
     pngs = _write_pngs(runs, splits, colours, out_dir)
     _write_csv(out_dir / "runs.csv", rows, columns)
     _write_markdown(out_dir / "runs.md", rows, columns)
+    groups = seed_groups(runs)
+    if groups:
+        _write_seeds(out_dir, groups, splits)
     index = out_dir / "index.html"
     index.write_text(_page(runs, splits, colours, pngs, rows, columns), encoding="utf-8")
     return index

@@ -296,3 +296,32 @@ def test_cli_subcommand(tmp_path, capsys):
     args = parser.parse_args(["report", str(dirs["old"]), "--out", str(tmp_path / "out2")])
     assert args.func(args) == 1
     assert str(dirs["old"] / "results.json") in capsys.readouterr().err
+
+
+def test_recipes_at_several_seeds_get_mean_spread_and_only_supported_claims(tmp_path):
+    """Three seeds of dense and of adrop, two of magnitude: seeds.md has mean ± sample sd (n)
+    and min-max per split, states `A below B` only where every seed of A is below every seed of
+    B, and the figures draw each recipe's mean with a min-max bar."""
+    runs = tmp_path / "runs"
+    wers = {"dense": ([40.0, 44.0, 42.0], "dense"), "adrop": ([50.0, 51.0, 55.0], "gated"),
+            "magnitude": ([43.0, 47.0], "dense")}
+    for name, (values, kind) in wers.items():
+        for seed, wer in enumerate(values):
+            result = results(name, name, kind, 1_000_000 + seed, wer, wer + 10)
+            write_run(runs / name / str(seed), {**result, "seed": seed})
+    write_report([runs], tmp_path / "out")
+    table = (tmp_path / "out" / "seeds.md").read_text()
+    assert "| dense | dense | 3 | 600,000 | 42.00 ± 2.00 (3) | 40.00-44.00 |" in table
+    assert "45.00 ± 2.83 (2)" in table  # magnitude: sd of 43 and 47
+    assert "test-clean: dense (42.00) below adrop (52.00) at every seed" in table
+    assert "magnitude (45.00) below adrop" in table
+    assert "dense (42.00) below magnitude" not in table  # 43 < 44: the ranges overlap
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "mean of 3 seeds" in page and "Across seeds" in page
+
+
+def test_spread_of_one_value_and_of_none():
+    from conformer_prune.report import spread
+
+    assert spread([3.0]) == {"mean": 3.0, "sd": 0.0, "min": 3.0, "max": 3.0, "n": 1}
+    assert spread([None, None]) is None

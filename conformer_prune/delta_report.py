@@ -7,8 +7,8 @@ fine-tuned variant, labelled by its folder name) and writes:
   mean, min and max over the mask seeds (with their number), the base test WER (the seeds
   scored on it), the stored delta's bytes and how many times smaller than the full
   checkpoint it is, and the q used;
-- delta_wer_vs_bytes.png: domain WER against delta size per variant and method, each point
-  the mean over seeds with a min-max bar, beside the unpruned variant and the base model;
+- delta_wer_vs_bytes.png: domain WER (mean over seeds, min-max bar) and base WER against the
+  delta's bytes, per variant and method, beside the unpruned variants and the base model;
 - index.html: both, on one page.
 """
 
@@ -95,32 +95,54 @@ def _markdown(rows, references):
     return "\n".join(lines) + "\n"
 
 
+VARIANT_STYLES = ("-", "--", ":", "-.")
+
+
 def _figure(rows, references):
-    fig = Figure(figsize=(9, 5.5))
-    ax = fig.subplots()
+    """Two panels, domain WER and base WER against the delta's bytes (log scale). Colour: the
+    method; line style: the variant. The methods at one drop rate store about the same bytes,
+    so each series is nudged sideways a little to keep the bars apart; the ticks name p."""
+    fig = Figure(figsize=(13, 5.5))
+    axes = fig.subplots(1, 2)
+    methods = sorted({row["method"] for row in rows})
+    variants = list(references)
     series = {}
     for row in rows:
         series.setdefault((row["variant"], row["method"]), []).append(row)
-    for (variant, method), group in sorted(series.items()):
+    for i, ((variant, method), group) in enumerate(sorted(series.items())):
         group.sort(key=lambda r: r["bytes"])
-        x = [r["bytes"] / 1e6 for r in group]
+        nudge = 1.0 + 0.025 * (i - (len(series) - 1) / 2)
+        style = {"color": f"C{methods.index(method)}", "capsize": 3, "marker": "o",
+                 "linestyle": VARIANT_STYLES[variants.index(variant) % len(VARIANT_STYLES)],
+                 "label": f"{method} ({variant})"}
+        x = [r["bytes"] / 1e6 * nudge for r in group]
         y = [r["domain_wer"] for r in group]
         err = [[r["domain_wer"] - r["domain_min"] for r in group],
                [r["domain_max"] - r["domain_wer"] for r in group]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method} ({variant})")
-        for r in group:
-            ax.annotate(f"p={r['drop']:g}", (r["bytes"] / 1e6, r["domain_wer"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    for i, (variant, ref) in enumerate(references.items()):
-        ax.axhline(ref["finetuned"]["domain"], ls="--", lw=1, color=f"C{i}",
-                   label=f"unpruned variant ({variant})")
+        axes[0].errorbar(x, y, yerr=err, **style)
+        based = [(xi, r["base_wer"]) for xi, r in zip(x, group) if r["base_wer"] is not None]
+        if based:
+            axes[1].plot(*zip(*based), **{k: v for k, v in style.items() if k != "capsize"})
     first = next(iter(references.values()))
-    ax.axhline(first["base"]["domain"], ls=":", color="k", lw=1, label="base model")
-    ax.set_xscale("log")
-    ax.set_xlabel("stored delta (MB, log scale)")
-    ax.set_ylabel(f"WER on the domain's {first['test_split']} (%)")
-    ax.set_title("Pruned deltas: mean over mask seeds, bars min-max")
-    ax.legend(fontsize=7)
+    for ax, key, title in ((axes[0], "domain", "the domain's"), (axes[1], "base", "the base's")):
+        for variant, ref in references.items():
+            ax.axhline(ref["finetuned"][key], color="grey", lw=1,
+                       ls=VARIANT_STYLES[variants.index(variant) % len(VARIANT_STYLES)],
+                       label=f"unpruned ({variant})")
+        ax.axhline(first["base"][key], color="k", lw=1.5, ls=(0, (1, 3)), label="base model")
+        ticks = {}
+        for row in rows:
+            ticks.setdefault(row["drop"], []).append(row["bytes"] / 1e6)
+        ax.set_xscale("log")
+        ax.set_xticks([sum(v) / len(v) for v in ticks.values()],
+                      [f"p={p:g}\n{sum(v) / len(v):.2f} MB" for p, v in ticks.items()])
+        ax.minorticks_off()
+        ax.set_xlabel("stored delta (bitmask + values; log scale)")
+        ax.set_ylabel(f"WER on {title} {first['test_split']} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Domain: mean over mask seeds, bars min-max")
+    axes[1].set_title("Base domain (forgetting): first mask seed")
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 

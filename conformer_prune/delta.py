@@ -14,23 +14,29 @@ fraction of D and rescales it, so that the variant ships as a sparse delta:
 
 Which tensors: every floating-point tensor of the model's state dict that the fine-tuning
 changed (the caller passes both state dicts); an unchanged tensor has a zero delta and costs
-only its bitmask. The pruned delta is stored with `model.encode_sparse` (bitmask + values), with
-its settings and mask seed in `delta.json`, and `rebuild` adds it back to the base.
+only its bitmask. A DARE or DAREx-q delta is stored as its kept values alone (its masks come
+back from the seed: `encode_seeded`), a magnitude delta as bitmask + values
+(`model.encode_sparse`), with the settings and mask seed in `delta.json`; `rebuild` adds it
+back to the base.
 """
 
+import hashlib
 import io
 import json
 import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conformer_prune.errors import InputError
-from conformer_prune.model import encode_sparse, load_weights
+from conformer_prune.model import decode_sparse, encode_sparse
 
 DELTA_FILE, DELTA_INFO = "delta.ckpt", "delta.json"
+SEEDED_FORMAT = "seeded_mask"
 METHODS = ("dare", "darex_q", "magnitude")
+RANDOM_MASK_METHODS = ("dare", "darex_q")  # their masks come back from the seed
 
 
 def delta_of(base, finetuned):
@@ -61,13 +67,19 @@ def prune_delta(delta, method, drop, q=None, seed=0):
     if method == "magnitude":
         return {key: _keep_largest(d, drop) for key, d in delta.items()}
     divisors = _divisors(delta, drop, None if method == "dare" else q)
+    masks = random_masks({key: d.shape for key, d in delta.items()}, drop, seed)
+    return {key: torch.where(masks[key], d / divisors[key], torch.zeros_like(d))
+            for key, d in delta.items()}
+
+
+def random_masks(shapes, drop, seed):
+    """{key: keep mask} of DARE and DAREx-q: each entry kept with probability 1 - p, from one
+    generator seeded with `seed`, tensors in key order (so that the seed alone gives them back,
+    which is what the seeded storage relies on)."""
     generator = torch.Generator().manual_seed(seed)
-    pruned = {}
-    for key in sorted(delta):
-        d = delta[key]
-        keep = torch.rand(d.shape, generator=generator) >= drop
-        pruned[key] = torch.where(keep, d / divisors[key], torch.zeros_like(d))
-    return {key: pruned[key] for key in delta}
+    masks = {key: torch.rand(tuple(shapes[key]), generator=generator) >= drop
+             for key in sorted(shapes)}
+    return {key: masks[key] for key in shapes}
 
 
 def _divisors(delta, drop, q):
@@ -152,20 +164,65 @@ def rebuild(base, delta):
     return {key: base[key] + delta[key] if key in delta else base[key] for key in base}
 
 
-def stored_bytes(state):
-    """Bytes of `state` stored as save_delta stores it (bitmask + values), in memory."""
+def encode_seeded(pruned, drop, seed):
+    """A DARE or DAREx-q delta stored without its masks: they come back from (seed, p), so only
+    the kept entries' values are stored, in key order, with a hash of the masks that checks on
+    loading that this machine's torch draws the same masks from the seed. At p = 0.9 the masks'
+    bitmask would be a fifth of the file."""
+    masks = random_masks({key: d.shape for key, d in pruned.items()}, drop, seed)
+    return {"format": SEEDED_FORMAT, "seed": seed, "drop": drop,
+            "shapes": {key: list(d.shape) for key, d in pruned.items()},
+            "values": {key: d[masks[key]].clone() for key, d in pruned.items()},
+            "mask_sha256": _masks_digest(masks)}
+
+
+def decode_seeded(entry, where="delta"):
+    masks = random_masks(entry["shapes"], entry["drop"], entry["seed"])
+    if _masks_digest(masks) != entry["mask_sha256"]:
+        raise InputError(f"{where}: this torch ({torch.__version__}) draws other masks from seed "
+                         f"{entry['seed']} than the one that wrote the delta; rebuild it with "
+                         "the torch version in delta.json")
+    delta = {}
+    for key, shape in entry["shapes"].items():
+        values = entry["values"][key]
+        delta[key] = torch.zeros(shape, dtype=values.dtype)
+        delta[key][masks[key]] = values
+    return delta
+
+
+def _masks_digest(masks):
+    digest = hashlib.sha256()
+    for key in sorted(masks):
+        digest.update(key.encode())
+        digest.update(np.packbits(masks[key].flatten().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def _encoded(delta, masks_from):
+    """How save_delta stores a delta: seeded (masks_from = (p, seed)) or bitmask + values."""
+    if masks_from is not None:
+        return encode_seeded(delta, *masks_from)
+    return encode_sparse(delta, min_zero_fraction=0.0)
+
+
+def stored_bytes(state, masks_from=None):
+    """Bytes of `state` stored as save_delta stores it, in memory."""
     buffer = io.BytesIO()
-    torch.save(encode_sparse(state, min_zero_fraction=0.0), buffer)
+    torch.save(_encoded(state, masks_from), buffer)
     return buffer.tell()
 
 
-def save_delta(out_dir, delta, info):
-    """Writes delta.ckpt (bitmask + values) and delta.json (settings, seed, bytes)."""
+def save_delta(out_dir, delta, info, masks_from=None):
+    """Writes delta.ckpt and delta.json (settings, seed, bytes). The delta is stored as
+    bitmask + values, or with masks_from = (p, seed) (DARE, DAREx-q) as its kept values alone
+    (encode_seeded)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(encode_sparse(delta, min_zero_fraction=0.0), out_dir / DELTA_FILE)
+    torch.save(_encoded(delta, masks_from), out_dir / DELTA_FILE)
     nonzero = sum(int(torch.count_nonzero(d)) for d in delta.values())
     info = {**info, "bytes": (out_dir / DELTA_FILE).stat().st_size,
+            "storage": SEEDED_FORMAT if masks_from is not None else "bitmask",
+            "torch": torch.__version__,
             "delta_entries": sum(d.numel() for d in delta.values()), "delta_nonzero": nonzero}
     (out_dir / DELTA_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n",
                                       encoding="utf-8")
@@ -177,7 +234,10 @@ def load_delta(folder):
     path = Path(folder) / DELTA_FILE
     if not path.is_file():
         raise InputError(f"{path}: missing; expected a folder written by `conformer-prune delta`")
-    return load_weights(path)
+    stored = torch.load(path, map_location="cpu")
+    if stored.get("format") == SEEDED_FORMAT:
+        return decode_seeded(stored, str(path))
+    return decode_sparse(stored)
 
 
 # ----- command line ------------------------------------------------------------------------
@@ -204,7 +264,7 @@ def make_delta(base_run, finetuned_run, out_dir, method, drop, q=None, seed=0, q
         "q_search": q_record,
         "base": str(base["checkpoint"]), "finetuned": str(finetuned["checkpoint"]),
         "rebuild": f"conformer-prune delta apply {base_run} {out_dir} --out VARIANT_DIR",
-    })
+    }, masks_from=(drop, seed) if method in RANDOM_MASK_METHODS else None)
     shutil.copyfile(finetuned["tokenizer"], out_dir / "tokenizer.model")
     shutil.copyfile(finetuned["normalizer"], out_dir / "normalizer.ckpt")
     (out_dir / "decode_opts.json").write_text(

@@ -166,3 +166,27 @@ def test_per_tensor_q_rescales_each_tensor_with_the_dare_masks():
         assert torch.allclose(darex[key][kept], dare[key][kept] * 0.2 / q)
     with pytest.raises(InputError, match="not for"):
         prune_delta(delta, "darex_q", drop=0.8, q={"a": 0.4}, seed=2)
+
+
+def test_a_random_mask_delta_is_stored_without_its_masks_and_rebuilds_exactly(tmp_path):
+    """DARE's masks come back from the seed: the seeded file holds the kept values alone
+    (4 bytes each, no bitmask), rebuilds the same delta, and refuses masks drawn otherwise."""
+    from conformer_prune.delta import SEEDED_FORMAT
+
+    big = {"w": torch.randn(500, 400), "b": torch.randn(400)}
+    pruned = prune_delta(big, "dare", drop=0.9, seed=4)
+    seeded = save_delta(tmp_path / "seeded", pruned, {}, masks_from=(0.9, 4))
+    bitmask = save_delta(tmp_path / "bitmask", pruned, {})
+    assert seeded["storage"] == SEEDED_FORMAT and bitmask["storage"] == "bitmask"
+    kept = sum(int(torch.count_nonzero(d)) for d in pruned.values())
+    assert kept * 4 < seeded["bytes"] < kept * 4 + 4000  # values and a small header
+    assert seeded["bytes"] < bitmask["bytes"] - 200_400 / 8 * 0.9  # no bitmask
+    for folder in ("seeded", "bitmask"):
+        loaded = load_delta(tmp_path / folder)
+        assert all(torch.equal(loaded[k], pruned[k]) for k in pruned), folder
+
+    stored = torch.load(tmp_path / "seeded" / "delta.ckpt")
+    stored["seed"] = 5  # as if this machine's generator drew other masks
+    torch.save(stored, tmp_path / "seeded" / "delta.ckpt")
+    with pytest.raises(InputError, match="draws other masks"):
+        load_delta(tmp_path / "seeded")

@@ -209,6 +209,8 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     unknown = sorted(set(methods) - set(SWEEP_METHODS))
     if unknown:
         raise InputError(f"sweep methods {unknown}: expected some of {', '.join(SWEEP_METHODS)}")
+    if not drops or not seeds:
+        raise InputError("delta sweep: give at least one drop rate and one mask seed")
     out_dir = Path(out_dir)
     unpruned = out_dir / "unpruned"
     if not (unpruned / "model" / "hyperparams.yaml").exists():

@@ -4,8 +4,8 @@ Reads one or more sweep folders (`conformer-prune delta sweep --out DIR`; each f
 fine-tuned variant, labelled by its folder name) and writes:
 
 - delta.md / delta.csv: one row per variant, method and drop rate: the domain test WER as
-  mean, min and max over the mask seeds (with their number), the base test WER (the seeds
-  scored on it), the stored delta's bytes and how many times smaller than the full
+  mean, min and max over the mask seeds (with their number), the share of the fine-tuning's
+  gain it keeps (gain_kept), the base test WER (the seeds scored on it), the stored delta's bytes and how many times smaller than the full
   checkpoint it is, and the q used;
 - delta_wer_vs_bytes.png: domain WER (mean over seeds, min-max bar) and base WER against the
   delta's bytes, per variant and method, beside the unpruned variants and the base model;
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402  (after choosing the headless
 from conformer_prune.errors import InputError  # noqa: E402
 
 COLUMNS = ("variant", "method", "drop", "seeds", "domain_wer", "domain_min", "domain_max",
-           "base_wer", "bytes", "times_smaller", "q")
+           "gain_kept", "base_wer", "bytes", "times_smaller", "q")
 
 
 def load_sweep(folder):
@@ -60,6 +60,7 @@ def summarise(folders):
                 "variant": variant, "method": method, "drop": drop, "seeds": len(group),
                 "domain_wer": statistics.mean(domain), "domain_min": min(domain),
                 "domain_max": max(domain),
+                "gain_kept": gain_kept(reference, statistics.mean(domain)),
                 "base_wer": statistics.mean(base) if base else None,
                 "bytes": round(statistics.mean(p["bytes"] for p in group)),
                 "times_smaller": reference["full_checkpoint_bytes"]
@@ -69,6 +70,14 @@ def summarise(folders):
     return rows, references
 
 
+def gain_kept(reference, wer):
+    """The share of what fine-tuning gained on the domain (base model's WER minus the unpruned
+    variant's) that a pruned variant keeps: 1 all of it, 0 none (back to the base model's WER),
+    negative worse than the base model."""
+    gained = reference["base"]["domain"] - reference["finetuned"]["domain"]
+    return (reference["base"]["domain"] - wer) / gained if gained else None
+
+
 def _cell(column, value):
     if value is None:
         return ""
@@ -76,6 +85,8 @@ def _cell(column, value):
         return f"{value:.2f}"
     if column == "times_smaller":
         return f"{value:.1f}"
+    if column == "gain_kept":
+        return f"{100 * value:.0f}%"
     if column == "q":
         return f"{value:.4f}"
     if column == "bytes":

@@ -5,8 +5,8 @@ fine-tuned variant, labelled by its folder name) and writes:
 
 - delta.md / delta.csv: one row per variant, method and drop rate: the domain test WER as
   mean, min and max over the mask seeds (with their number), the share of the fine-tuning's
-  gain it keeps (gain_kept), the base test WER (the seeds scored on it), the stored delta's bytes and how many times smaller than the full
-  checkpoint it is, and the q used;
+  gain it keeps (gain_kept), the base test WER (the seeds scored on it), the stored delta's
+  bytes and how many times smaller than the full checkpoint it is, and the q used;
 - delta_wer_vs_bytes.png: domain WER (mean over seeds, min-max bar) and base WER against the
   delta's bytes, per variant and method, beside the unpruned variants and the base model;
 - index.html: both, on one page.
@@ -27,6 +27,14 @@ from conformer_prune.errors import InputError  # noqa: E402
 
 COLUMNS = ("variant", "method", "drop", "seeds", "domain_wer", "domain_min", "domain_max",
            "gain_kept", "base_wer", "bytes", "times_smaller", "q")
+
+
+TABLE_NOTE = (
+    "domain_wer: mean over the mask seeds (min, max beside it); gain_kept: the share of the "
+    "fine-tuning's domain gain kept; base_wer: the first seed; bytes: the delta as bitmask + "
+    "values, every method alike (`delta make` stores a dare or darex_q delta without its "
+    "bitmask: docs/DELTA.md); times_smaller: the full checkpoint over bytes; q: the global q, "
+    "or the mean of the per-layer qs.")
 
 
 def load_sweep(folder):
@@ -101,6 +109,7 @@ def _markdown(rows, references):
                      f"(domain) / {ref['finetuned']['base']:.2f} (base); base model "
                      f"{ref['base']['domain']:.2f} / {ref['base']['base']:.2f}; full checkpoint "
                      f"{ref['full_checkpoint_bytes']:,} bytes ({ref['finetuned_run']})")
+    lines += ["", TABLE_NOTE]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"

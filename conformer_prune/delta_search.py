@@ -306,7 +306,8 @@ def search_q(base_run, finetuned_run, search, drop, seed, data_folder, dev_split
 
     with tempfile.TemporaryDirectory(prefix="delta-q-") as tmp:
         make_delta(base_run, finetuned_run, Path(tmp) / "unpruned", "dare", 0.0)
-        decoder = FolderDecoder(Path(tmp) / "unpruned" / "model", output_folder=Path(tmp) / "decode")
+        decoder = FolderDecoder(Path(tmp) / "unpruned" / "model",
+                                output_folder=Path(tmp) / "decode")
         dev = decoder.datasets(data_folder, [dev_split], Path(tmp) / "data", every=dev_every)
         lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(),
                          EncoderProbe(decoder, dev[dev_split], probe_utterances))

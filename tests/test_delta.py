@@ -123,7 +123,7 @@ def test_adamr_keeps_the_delta_smaller_than_adam():
     torch.manual_seed(0)
     start = torch.nn.Linear(5, 3).state_dict()
     adam, adamr = _train(torch.optim.Adam, steps=20), _train(AdamR, steps=20, pull=5.0)
-    moved = [sum(float((p - start[n]).norm()) for n, p in m.named_parameters())
+    moved = [sum(float((p.detach() - start[n]).norm()) for n, p in m.named_parameters())
              for m in (adam, adamr)]
     assert moved[1] < moved[0]
 

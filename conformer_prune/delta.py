@@ -220,10 +220,13 @@ def save_delta(out_dir, delta, info, masks_from=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(_encoded(delta, masks_from), out_dir / DELTA_FILE)
     nonzero = sum(int(torch.count_nonzero(d)) for d in delta.values())
+    squares = sum(float((d.double() ** 2).sum()) for d in delta.values())
+    entries = sum(d.numel() for d in delta.values())
     info = {**info, "bytes": (out_dir / DELTA_FILE).stat().st_size,
+            "delta_rms": math.sqrt(squares / entries) if entries else 0.0,
             "storage": SEEDED_FORMAT if masks_from is not None else "bitmask",
             "torch": torch.__version__,
-            "delta_entries": sum(d.numel() for d in delta.values()), "delta_nonzero": nonzero}
+            "delta_entries": entries, "delta_nonzero": nonzero}
     (out_dir / DELTA_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n",
                                       encoding="utf-8")
     return info

@@ -584,27 +584,23 @@ def validate(root):
 
 
 def degradation_description(condition="studio"):
-    if CONDITIONS.get(condition):
-        room = CONDITIONS[condition]
-        return {"condition": condition, "split": "all",
-                "reverberation": {"kind": "synthetic room impulse response: direct path plus "
-                                          "exponentially decaying Gaussian tail",
-                                  "rt60_seconds": list(room["rt60_s"]),
-                                  "direct_to_reverberant_db": list(room["drr_db"])},
-                "noise": {"kind": "Gaussian noise with power spectrum 1/f**tilt",
-                          "tilt": list(NOISE_TILT), "snr_db": list(room["snr_db"]),
-                          "snr_reference": "mean power of the (reverberant) speech region"},
-                "per_utterance": "uniform draws from the ranges, fixed by the seed"}
-    return {"condition": condition, "split": DEGRADED_SPLIT,
-            "reverberation": {"kind": "synthetic room impulse response: direct path plus "
-                                      "exponentially decaying Gaussian tail",
-                              "rt60_seconds": list(OTHER_RT60_S),
-                              "direct_to_reverberant_db": list(OTHER_DRR_DB)},
-            "noise": {"kind": "Gaussian noise with power spectrum 1/f**tilt",
-                      "tilt": list(NOISE_TILT), "snr_db": list(OTHER_SNR_DB),
-                      "snr_reference": "mean power of the (reverberant) speech region"},
-            "clean_splits_noise_floor_snr_db": list(CLEAN_SNR_DB),
-            "per_utterance": "uniform draws from the ranges, fixed by the seed"}
+    """CORPUS.json's `degradation`: the room and noise of the degraded splits (test-other in
+    the studio condition, every split otherwise)."""
+    every_split = bool(CONDITIONS.get(condition))
+    room = room_of(DEGRADED_SPLIT, condition)
+    description = {
+        "condition": condition, "split": "all" if every_split else DEGRADED_SPLIT,
+        "reverberation": {"kind": "synthetic room impulse response: direct path plus "
+                                  "exponentially decaying Gaussian tail",
+                          "rt60_seconds": list(room["rt60_s"]),
+                          "direct_to_reverberant_db": list(room["drr_db"])},
+        "noise": {"kind": "Gaussian noise with power spectrum 1/f**tilt",
+                  "tilt": list(NOISE_TILT), "snr_db": list(room["snr_db"]),
+                  "snr_reference": "mean power of the (reverberant) speech region"},
+        "per_utterance": "uniform draws from the ranges, fixed by the seed"}
+    if not every_split:
+        description["clean_splits_noise_floor_snr_db"] = list(CLEAN_SNR_DB)
+    return description
 
 
 def plan_corpus(root, hours, seed, eval_hours, vocab_size, condition):

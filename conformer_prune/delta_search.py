@@ -19,7 +19,6 @@ the rebuilt variant's WER on the domain's test split and on the base's test-clea
 delta's bytes, one JSON per point so that a killed sweep resumes where it stopped.
 """
 
-import json
 import logging
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from conformer_prune.delta import (
     stored_bytes,
 )
 from conformer_prune.errors import InputError
+from conformer_prune.scoring import read_results, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +173,8 @@ def choose_q(lab, search, drop, seed, dev_sets=None):
         chosen = per_eta[min(tried, key=lambda t: t["output_change"])["eta"]]
     else:
         raise InputError(f"q search {search!r}: expected one of {', '.join(Q_SEARCHES)}")
-    record = {"search": search, "drop": drop, "mask_seed": seed, "tried": tried,
-              "seconds": round(time.perf_counter() - started, 1)}
-    record["q"] = chosen
-    return chosen, record
+    return chosen, {"search": search, "drop": drop, "mask_seed": seed, "q": chosen,
+                    "tried": tried, "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ----- the sweep -----------------------------------------------------------------------------
@@ -187,14 +185,9 @@ def _point_name(method, drop, seed):
 
 
 def _write_json(path, data):
+    """scoring.write_results (atomic), into a folder made on first use."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
-def _read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    write_results(path, data)
 
 
 def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops, methods,
@@ -203,9 +196,6 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     """Evaluates pruned deltas of FINETUNED against BASE; writes out_dir/points/*.json (one per
     method, drop rate and seed; existing ones are kept: a rerun resumes), out_dir/q/*.json
     (how each q was chosen) and out_dir/reference.json (base and unpruned variant)."""
-    from conformer_prune.decode import FolderDecoder
-    from conformer_prune.shrink import load_gated_run
-
     unknown = sorted(set(methods) - set(SWEEP_METHODS))
     if unknown:
         raise InputError(f"sweep methods {unknown}: expected some of {', '.join(SWEEP_METHODS)}")
@@ -218,13 +208,10 @@ def sweep(base_run, finetuned_run, out_dir, data_folder, base_data_folder, drops
     # Sweeps of other methods may run beside this one on the same folder: each prepares its
     # own CSVs, and writes only its own points and q files.
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=out_dir))
-    decoder = FolderDecoder(unpruned / "model", batch_size=batch_size,
-                            output_folder=scratch / "decode")
-    domain = decoder.datasets(data_folder, [test_split], scratch / "domain")
-    dev = decoder.datasets(data_folder, [dev_split], scratch / "domain", every=dev_every)
-    base_domain = decoder.datasets(base_data_folder, [test_split], scratch / "base")
-    probe = EncoderProbe(decoder, dev[dev_split], probe_utterances)
-    lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(), probe)
+    lab, dev = open_lab(base_run, unpruned / "model", scratch, data_folder, dev_split,
+                        dev_every, probe_utterances, batch_size)
+    domain = lab.decoder.datasets(data_folder, [test_split], scratch / "domain")
+    base_domain = lab.decoder.datasets(base_data_folder, [test_split], scratch / "base")
     # The full checkpoint a variant would ship without a delta: the unpruned variant's file.
     full_bytes = (unpruned / "model" / "model.ckpt").stat().st_size
 
@@ -290,25 +277,35 @@ def _q_for(lab, method, drop, seed, dev_sets, out_dir):
         return None, None
     search = method[len("darex_q_"):]
     path = out_dir / "q" / f"{method}_p{drop:g}.json"
-    record = _read_json(path)
-    if record is None:
+    record = read_results(path, missing_ok=True)
+    if not record:
         _, record = choose_q(lab, search, drop, seed, dev_sets)
         _write_json(path, record)
     return record["q"], {k: v for k, v in record.items() if k != "tried"}
+
+
+def open_lab(base_run, model_dir, scratch, data_folder, dev_split="dev-clean", dev_every=2,
+             probe_utterances=32, batch_size=16):
+    """(lab, dev datasets): the unpruned variant's inference folder `model_dir` loaded once
+    against the base run's weights, with the probe on the domain's dev subset; CSVs and
+    decode files go under `scratch`."""
+    from conformer_prune.decode import FolderDecoder
+    from conformer_prune.shrink import load_gated_run
+
+    scratch = Path(scratch)
+    decoder = FolderDecoder(model_dir, batch_size=batch_size, output_folder=scratch / "decode")
+    dev = decoder.datasets(data_folder, [dev_split], scratch / "domain", every=dev_every)
+    lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(),
+                     EncoderProbe(decoder, dev[dev_split], probe_utterances))
+    return lab, dev
 
 
 def search_q(base_run, finetuned_run, search, drop, seed, data_folder, dev_split="dev-clean",
              dev_every=2, probe_utterances=32):
     """`conformer-prune delta make --q-search`: (q, record) for one variant and drop rate, the
     unpruned variant exported to a temporary inference folder for the search."""
-    from conformer_prune.decode import FolderDecoder
-    from conformer_prune.shrink import load_gated_run
-
     with tempfile.TemporaryDirectory(prefix="delta-q-") as tmp:
         make_delta(base_run, finetuned_run, Path(tmp) / "unpruned", "dare", 0.0)
-        decoder = FolderDecoder(Path(tmp) / "unpruned" / "model",
-                                output_folder=Path(tmp) / "decode")
-        dev = decoder.datasets(data_folder, [dev_split], Path(tmp) / "data", every=dev_every)
-        lab = VariantLab(decoder, load_gated_run(base_run)["modules"].state_dict(),
-                         EncoderProbe(decoder, dev[dev_split], probe_utterances))
+        lab, dev = open_lab(base_run, Path(tmp) / "unpruned" / "model", tmp, data_folder,
+                            dev_split, dev_every, probe_utterances)
         return choose_q(lab, search, drop, seed, dev)

@@ -444,26 +444,27 @@ def separated_pairs(groups: list[dict], splits: list[str]) -> list[str]:
     return claims
 
 
+def _seed_columns(splits: list[str]) -> dict:
+    """Column name -> how to show it, as _columns does for the runs table."""
+    columns = {"recipe": str, "method": str, "seeds": str, "params_encoder": _fmt_int}
+    for split in splits:
+        columns[f"wer_{split}"] = str
+        columns[f"range_{split}"] = str
+    return columns
+
+
+def _claims_text(claims: list[str]) -> str:
+    return ("Differences larger than the spread:" if claims else
+            "No difference between recipes is larger than their spread across seeds.")
+
+
 def _write_seeds(out_dir: Path, groups: list[dict], splits: list[str]) -> None:
     rows = [_seed_row(group, splits) for group in groups]
-    columns = list(rows[0])
-    with (out_dir / "seeds.csv").open("w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [SEEDS_NOTE, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_seed_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    columns = _seed_columns(splits)
+    _write_csv(out_dir / "seeds.csv", rows, columns)
     claims = separated_pairs(groups, splits)
-    lines += ["", "Differences larger than the spread:" if claims else
-              "No difference between recipes is larger than their spread across seeds."]
-    lines += [f"- {claim}" for claim in claims]
-    (out_dir / "seeds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _seed_cell(key: str, value) -> str:
-    if value is None:
-        return ""
-    return _fmt_int(value) if key == "params_encoder" else str(value)
+    _write_markdown(out_dir / "seeds.md", rows, columns, before=[SEEDS_NOTE, ""],
+                    after=["", _claims_text(claims)] + [f"- {claim}" for claim in claims])
 
 
 SEEDS_NOTE = ("WER cells: mean ± sample standard deviation (number of seeds); range: min-max "
@@ -532,15 +533,16 @@ def _write_csv(path: Path, rows: list[dict], columns) -> None:
             writer.writerow([_csv_value(row[key]) for key in columns])
 
 
-def _write_markdown(path: Path, rows: list[dict], columns) -> None:
+def _write_markdown(path: Path, rows: list[dict], columns, before=(), after=()) -> None:
+    """The table, with lines of text `before` and `after` it."""
     def cell(text):
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [*before, "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = (cell(_display(row[key], fmt)) for key, fmt in columns.items())
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join([*lines, *after]) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- PNG figures (matplotlib)
@@ -930,7 +932,7 @@ def _curves_html(runs) -> str:
     return _figure_html(_plotly_curves(runs))
 
 
-def _table_html(rows, columns) -> str:
+def _table_html(rows, columns, stem="runs") -> str:
     head = "".join(f"<th>{html.escape(key)}</th>" for key in columns)
     body = []
     for row in rows:
@@ -943,8 +945,8 @@ def _table_html(rows, columns) -> str:
             cells.append(f'<td{kind} data-sort="{html.escape(sort)}">'
                          f"{html.escape(_display(value, fmt))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return ('<p>Click a column header to sort. Also in <a href="runs.csv">runs.csv</a> and '
-            '<a href="runs.md">runs.md</a>.</p>'
+    return (f'<p>Click a column header to sort. Also in <a href="{stem}.csv">{stem}.csv</a> and '
+            f'<a href="{stem}.md">{stem}.md</a>.</p>'
             f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
@@ -954,17 +956,12 @@ def _seeds_html(runs, splits) -> str:
     if not groups:
         return _note_html("No recipe has runs at two or more seeds.")
     rows = [_seed_row(group, splits) for group in groups]
-    head = "".join(f"<th>{html.escape(key)}</th>" for key in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_seed_cell(k, v))}</td>"
-                                    for k, v in row.items()) + "</tr>" for row in rows)
     claims = separated_pairs(groups, splits)
     listing = ("<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims) + "</ul>"
-               if claims else _note_html("No difference between recipes is larger than their "
-                                         "spread across seeds."))
-    return (f"<p>{html.escape(SEEDS_NOTE)} Also in <a href=\"seeds.md\">seeds.md</a>.</p>"
-            f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}'
-            f"</tbody></table></div><p>Differences larger than the spread (every seed of one "
-            f"below every seed of the other):</p>{listing}")
+               if claims else "")
+    return (f"<p>{html.escape(SEEDS_NOTE)}</p>"
+            + _table_html(rows, _seed_columns(splits), stem="seeds")
+            + f"<p>{html.escape(_claims_text(claims))}</p>{listing}")
 
 
 def _files_html(pngs) -> str:

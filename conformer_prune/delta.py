@@ -295,6 +295,8 @@ def apply_delta(base_run, delta_dir, out_dir):
 
 
 def add_parser(subparsers):
+    from conformer_prune.delta_search import Q_SEARCHES
+
     parser = subparsers.add_parser(
         "delta", help="store a fine-tuned variant as a pruned delta from its base (DARE, ...)",
         description=__doc__.split("\n\n")[0])
@@ -306,7 +308,7 @@ def add_parser(subparsers):
     make.add_argument("--drop", type=float, required=True, help="drop rate p in [0, 1)")
     make.add_argument("--q", type=float, default=None,
                       help="darex_q: the rescaling divisor (DARE's is 1 - p)")
-    make.add_argument("--q-search", choices=("dev", "unlabelled", "analytic"), default=None,
+    make.add_argument("--q-search", choices=Q_SEARCHES, default=None,
                       help="darex_q: choose q by dev WER, by the unlabelled output change, or "
                            "per layer analytically (docs/DELTA.md); needs --data-folder")
     make.add_argument("--data-folder", default=None,

@@ -16,6 +16,7 @@ the medians are compared. Speed only: what bf16 does to WER needs a training run
 import argparse
 import csv
 import tempfile
+from pathlib import Path
 
 import torch
 from speechbrain.dataio.dataio import read_audio
@@ -26,10 +27,16 @@ from speechbrain.processing.features import InputNormalization
 from common import interleaved_medians, machine, write_report
 from conformer_prune.model import build_asr_modules
 from conformer_prune.prepare import prepare_librispeech
+from conformer_prune.shrink import plain_hparams
 
-MINI_ARCH = {"vocab_size": 32, "n_mels": 80, "d_model": 144, "nhead": 4,
-             "num_encoder_layers": 6, "num_decoder_layers": 2, "d_ffn": 576, "kernel_size": 15,
-             "dropout": 0.1, "activation": "gelu", "cnn_channels": [16, 32]}  # the mini YAMLs'
+MINI_YAML = Path(__file__).resolve().parent.parent / "hparams/mini/conformer_dense.yaml"
+
+
+def mini_arch():
+    """The mini recipe's architecture, read from its YAML (its !ref entries filled in)."""
+    hparams = plain_hparams(MINI_YAML)
+    return {**hparams["arch"], "vocab_size": hparams["output_neurons"],
+            "n_mels": hparams["n_mels"]}
 
 
 def parse_args():
@@ -72,7 +79,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_asr_modules(**MINI_ARCH)
+    model = build_asr_modules(**mini_arch())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     fbank, normalize = Fbank(n_mels=80), InputNormalization(norm_type="global")
     batches = load_batches(args.data_folder, args.batches, args.batch_seconds)

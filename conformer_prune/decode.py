@@ -1,38 +1,41 @@
 """`conformer-prune decode`: decode and score a compact (shrunk) model folder.
 
-The folder written by `conformer-prune shrink` is a SpeechBrain inference folder; its
-hyperparams.yaml builds the compact model, features and beam searcher, and its Pretrainer loads
-the weights, normaliser and tokenizer. Evaluation then runs through the same ASRBrain code as
-the training recipe's test stage, so that the gated and the shrunk model are scored alike.
+The folder written by `conformer-prune shrink` is a SpeechBrain inference folder; decoding goes
+through SpeechBrain's inference interface on it (`inference.CompactASR`, an EncoderDecoderASR),
+with the searcher settings the run was trained with (beam size, CTC weight; stored in the
+folder's hyperparams.yaml) unless overridden on the command line. Batches are padded as the
+training recipe's test stage pads them (16 utterances in CSV order), so the shrunk model's joint
+search gives the gated model's hypotheses.
 """
 
 import json
 import logging
-import sys
+import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
-from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.dataloader import make_dataloader
 from speechbrain.dataio.dataset import FilteredSortedDynamicItemDataset
-from speechbrain.nnet.losses import ctc_loss, kldiv_loss
-from speechbrain.utils.epoch_loop import EpochCounter
-from speechbrain.utils.train_logger import FileTrainLogger
 
-from conformer_prune.asr_brain import ASRBrain, add_pipelines, csv_dataset, evaluate_splits
+from conformer_prune.asr_brain import add_pipelines, csv_dataset
 from conformer_prune.errors import InputError
+from conformer_prune.inference import SEARCHES, load_compact_asr
 from conformer_prune.model import count_params, load_weights
 from conformer_prune.prepare import prepare_librispeech
-from conformer_prune.scoring import git_commit, hparams_sha256, read_results, write_results
+from conformer_prune.scoring import (error_rates, git_commit, hparams_sha256, read_results,
+                                     write_alignments, write_results)
 from conformer_prune.shrink import INFERENCE_FILES, _require_files
 
 logger = logging.getLogger(__name__)
 DEFAULT_SPLITS = ("test-clean", "test-other")
+# results.json's name of each search (`ctc_attention_beam` is what training's test stage runs).
+SEARCHER_NAMES = {"joint": "ctc_attention_beam", "rescore": "ctc_prefix_beam_attention_rescore",
+                  "greedy": "ctc_greedy"}
 
 
-def load_inference_folder(model_dir, overrides=None):
-    """The folder's hyperparams with weights, normaliser and tokenizer loaded (as from_hparams)."""
+def load_inference_folder(model_dir, search="joint", device="cpu", overrides=None):
+    """CompactASR of a compact folder, a missing file named before SpeechBrain trips on it."""
     model_dir = Path(model_dir).resolve()
     hparams_file = model_dir / "hyperparams.yaml"
     if not hparams_file.exists():
@@ -40,64 +43,35 @@ def load_inference_folder(model_dir, overrides=None):
             f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
         )
     _require_files(model_dir, INFERENCE_FILES)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides or {})
-    pretrainer = hparams["pretrainer"]
-    pretrainer.set_collect_in(model_dir)
-    pretrainer.collect_files(default_source=model_dir)
-    pretrainer.load_collected()
-    return hparams
-
-
-def decode_hparams(inference, output_folder, batch_size):
-    """What ASRBrain's test stage reads, from the inference folder's objects."""
-    return {
-        **inference,
-        "test_search": inference["decoder"],
-        "log_softmax": torch.nn.LogSoftmax(dim=-1),
-        # The test stage also reports the ASR loss; its weights do not change any hypothesis.
-        "ctc_cost": partial(ctc_loss, blank_index=inference["blank_index"]),
-        "seq_cost": partial(kldiv_loss, reduction="batchmean"),
-        "ctc_weight": 0.3,
-        "pad_index": 0,
-        "epoch_counter": EpochCounter(limit=0),
-        "output_folder": str(output_folder),
-        "train_logger": FileTrainLogger(save_file=str(Path(output_folder) / "decode_log.txt")),
-        "test_dataloader_opts": {"batch_size": batch_size},
-        "test_beam_size": inference["beam_size"],
-        "ctc_weight_decode": inference["ctc_weight"],
-    }
+    return load_compact_asr(model_dir, search=search, device=device, overrides=overrides)
 
 
 class FolderDecoder:
     """A compact model folder loaded once, scored on any number of datasets; the model's
     weights may be swapped between calls (`model.load_state_dict`), as the delta sweep does.
 
-    `output_folder` gets wer_<split>.txt and decode_log.txt (default: the model folder).
+    `output_folder` gets wer_<split>.txt (wer_<split>_<search>.txt for a search other than
+    joint; default: the model folder). `overrides` replace the folder's hyperparams.yaml values
+    (beam_size, ctc_weight).
     """
 
     def __init__(self, model_dir, batch_size=16, threads=None, overrides=None,
-                 output_folder=None):
+                 output_folder=None, search="joint", device="cpu"):
         self.model_dir = Path(model_dir).resolve()
         if threads:
             torch.set_num_threads(threads)
         # SpeechBrain's decoder passes a bool padding mask with a float causal mask to torch's
         # attention, which warns on every batch: one line per batch of a long sweep's log.
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-        self.inference = load_inference_folder(self.model_dir, overrides)
-        output_folder = Path(output_folder or self.model_dir)
-        output_folder.mkdir(parents=True, exist_ok=True)
-        self.hparams = decode_hparams(self.inference, output_folder, batch_size)
-        modules = {"asr": self.inference["asr"], "normalize": self.inference["normalize"]}
-        # No tqdm bar when stderr is a log file: its redraws would make one endless line.
-        run_opts = {"device": "cpu", "noprogressbar": not sys.stderr.isatty()}
-        self.brain = ASRBrain(modules=modules, hparams=self.hparams, run_opts=run_opts)
-        self.brain.tokenizer = self.inference["tokenizer"]
+        self.asr = load_inference_folder(self.model_dir, search, device, overrides)
+        self.batch_size = batch_size
+        self.output_folder = Path(output_folder or self.model_dir)
+        self.output_folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def model(self):
         """The ConformerASR being scored."""
-        return self.inference["asr"]
+        return self.asr.model
 
     def datasets(self, data_folder, splits, prepare_dir=None, every=1):
         """{split: dataset} of a LibriSpeech-layout folder, CSVs prepared under `prepare_dir`
@@ -108,19 +82,59 @@ class FolderDecoder:
         if every > 1:
             datasets = {split: FilteredSortedDynamicItemDataset(data, data.data_ids[::every])
                         for split, data in datasets.items()}
-        add_pipelines(list(datasets.values()), self.inference["tokenizer"],
-                      self.inference["bos_index"], self.inference["eos_index"])
+        hparams = self.asr.hparams
+        add_pipelines(list(datasets.values()), self.asr.tokenizer, hparams.bos_index,
+                      hparams.eos_index)
         return datasets
 
     def score(self, datasets):
         """`splits` and `decode` parts of results.json for the model as it is now."""
-        return evaluate_splits(self.brain, datasets, self.hparams)
+        self.asr.mods.eval()
+        splits = {split: self.score_split(split, data) for split, data in datasets.items()}
+        wall = sum(s["decode_seconds"] for s in splits.values())
+        audio = sum(s["audio_seconds"] for s in splits.values())
+        decode = {
+            "searcher": SEARCHER_NAMES[self.asr.search],
+            "beam_size": self.asr.hparams.beam_size,
+            "ctc_weight": self.asr.hparams.ctc_weight,
+            "wall_seconds": wall,
+            "audio_seconds": audio,
+            "rtf": wall / max(audio, 1e-9),
+            "threads": torch.get_num_threads(),
+            "device": str(self.asr.device),
+        }
+        return splits, decode
+
+    def score_split(self, split, dataset):
+        """WER/CER of the search and of the CTC best path on one split; writes wer_<split>.txt."""
+        ids, references, hyps, greedy = [], [], [], []
+        started = time.perf_counter()
+        for batch in make_dataloader(dataset, batch_size=self.batch_size):
+            wavs, wav_lens = batch.sig
+            tokens, best_path = self.asr.transcribe_with_greedy(wavs, wav_lens)
+            hyps.extend(self.asr.detokenize(tokens))
+            greedy.extend(self.asr.detokenize(best_path))
+            ids.extend(batch.id)
+            references.extend(batch.wrd)
+        seconds = time.perf_counter() - started
+        suffix = "" if self.asr.search == "joint" else f"_{self.asr.search}"
+        write_alignments(self.output_folder / f"wer_{split}{suffix}.txt", ids, references, hyps)
+        rates, greedy_rates = error_rates(references, hyps), error_rates(references, greedy)
+        audio = sum(float(d["duration"]) for d in dataset)
+        logger.info("%s: WER %.2f, %d utterances in %.1f s", split, rates["wer"], len(ids),
+                    seconds)
+        return {"wer": rates["wer"], "cer": rates["cer"], "ctc_greedy_wer": greedy_rates["wer"],
+                "ctc_greedy_cer": greedy_rates["cer"], "utterances": len(ids),
+                "decode_seconds": seconds, "audio_seconds": audio,
+                "rtf": seconds / max(audio, 1e-9)}
 
 
 def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, threads=None,
-                  overrides=None):
-    """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json."""
-    decoder = FolderDecoder(model_dir, batch_size, threads, overrides)
+                  overrides=None, search="joint", device="cpu"):
+    """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json
+    (results_<search>.json for a search other than the run's joint one)."""
+    decoder = FolderDecoder(model_dir, batch_size, threads, overrides, search=search,
+                            device=device)
     splits_result, decode = decoder.score(decoder.datasets(data_folder, splits))
     model_dir = decoder.model_dir
     results = {
@@ -132,7 +146,8 @@ def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, 
         "decode": decode,
         "splits": splits_result,
     }
-    write_results(model_dir / "results.json", results)
+    name = "results.json" if search == "joint" else f"results_{search}.json"
+    write_results(model_dir / name, results)
     return results
 
 
@@ -164,18 +179,28 @@ def add_parser(subparsers):
     parser.add_argument("--splits", default=",".join(DEFAULT_SPLITS),
                         help="comma-separated splits to decode (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--search", choices=SEARCHES, default="joint",
+                        help="joint: the run's joint CTC/attention beam search; rescore: CTC "
+                        "prefix beam search, n-best rescored by the attention decoder in one "
+                        "pass; greedy: CTC best path (default: %(default)s)")
     parser.add_argument("--beam-size", type=int, default=None,
-                        help="override the folder's beam size")
+                        help="override the run's beam size (stored in the folder)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="override the run's CTC weight of joint and rescore search")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args):
-    overrides = {"beam_size": args.beam_size} if args.beam_size else None
+    overrides = {key: value for key, value in (("beam_size", args.beam_size),
+                                               ("ctc_weight", args.ctc_weight))
+                 if value is not None}
     results = decode_folder(args.model_dir, args.data_folder, args.splits.split(","),
-                            args.batch_size, args.threads, overrides)
+                            args.batch_size, args.threads, overrides, args.search, args.device)
     for split, scores in results["splits"].items():
-        print(f"{split}: WER {scores['wer']:.2f}%  CER {scores['cer']:.2f}%  RTF {scores['rtf']:.3f}")
+        print(f"{split}: WER {scores['wer']:.2f}%  CER {scores['cer']:.2f}%  "
+              f"RTF {scores['rtf']:.3f} ({args.search} search)")
     print(f"params: {results['params']}")
     return 0

@@ -61,7 +61,7 @@ class EncoderProbe:
     def __init__(self, decoder, dataset, utterances=32):
         self.model = decoder.model
         self.feats = []
-        compute, normalize = decoder.inference["compute_features"], decoder.inference["normalize"]
+        compute, normalize = decoder.asr.hparams.compute_features, decoder.asr.hparams.normalize
         normalize.eval()
         # Spread over the split (it is sorted by duration), not its shortest utterances.
         picked = range(0, len(dataset), max(1, len(dataset) // max(1, utterances)))

@@ -559,9 +559,10 @@ DECODE_DEFAULTS = {
 # EncoderDecoderASR needs modules `encoder` (waveform -> encoder states) and `decoder` (the
 # searcher), and `tokenizer`. The layout follows SpeechBrain's asr-conformer-transformerlm-
 # librispeech hyperparams (Fbank -> InputNormalization -> CNN -> Transformer encoder, then
-# S2STransformerBeamSearcher with a CTC scorer), without the language model. The model structure
-# is built from the inline arch and widths and the Pretrainer fills it, with the tokenizer and
-# normalizer, from <name>.ckpt files in the `source` folder: the folder is self-contained.
+# S2STransformerBeamSearcher, here with a cached decoder step, with a CTC scorer), without the
+# language model. The model structure is built from the inline arch and widths and the
+# Pretrainer fills it, with the tokenizer and normalizer, from <name>.ckpt files in the `source`
+# folder: the folder is self-contained.
 INFERENCE_YAML = """\
 # SpeechBrain inference for a compact conformer-prune model (written by conformer_prune.shrink).
 #   EncoderDecoderASR.from_hparams(source=<this folder>, savedir=<this folder>)
@@ -607,7 +608,7 @@ scorer: !new:speechbrain.decoders.scorer.ScorerBuilder
     partial_scorers: [!ref <ctc_scorer>]
     weights:
         ctc: !ref <ctc_weight>
-decoder: !new:speechbrain.decoders.S2STransformerBeamSearcher
+decoder: !new:conformer_prune.search.CachedTransformerBeamSearcher
     modules: [!ref <Transformer>, !ref <seq_lin>]
     bos_index: !ref <bos_index>
     eos_index: !ref <eos_index>

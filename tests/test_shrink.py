@@ -15,7 +15,7 @@ from conformer_prune.shrink import (
     save_compact,
     shrink_modules,
 )
-from tiny import TINY_ARCH
+from tiny import TINY_ARCH, char_tokenizer
 
 # Four heads of width 4 and a 5-tap depthwise kernel: room for ragged and emptied heads.
 ARCH = {**TINY_ARCH, "nhead": 4, "kernel_size": 5}
@@ -170,43 +170,12 @@ def test_load_compact_names_mismatched_tensor(tmp_path):
 # ------------------------------------------------------------------- SpeechBrain interop
 
 
-def _tokenizer(tmp_path):
-    import sentencepiece as spm
-
-    text = tmp_path / "text.txt"
-    text.write_text(
-        "\n".join(
-            [
-                "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
-                "PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS",
-                "HOW VEXINGLY QUICK DAFT ZEBRAS JUMP",
-                "SPHINX OF BLACK QUARTZ JUDGE MY VOW",
-            ]
-        )
-    )
-    # SpeechBrain's token convention: 0 = unk (also the CTC blank), 1 = bos, 2 = eos.
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(tmp_path / "tok"),
-        vocab_size=30,
-        model_type="char",
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    model = tmp_path / "tok.model"
-    return model, spm.SentencePieceProcessor(model_file=str(model))
-
-
 def test_export_loads_offline_in_encoder_decoder_asr(tmp_path):
     import soundfile
     from speechbrain.inference.ASR import EncoderDecoderASR
     from speechbrain.processing.features import InputNormalization
 
-    tokenizer_path, tokenizer = _tokenizer(tmp_path)
+    tokenizer_path, tokenizer = char_tokenizer(tmp_path)
     arch = {**ARCH, "vocab_size": tokenizer.get_piece_size(), "n_mels": 80}
     torch.manual_seed(0)
     modules = insert_gates(build_asr_modules(**arch))
@@ -243,7 +212,7 @@ def test_shrink_subcommand_on_a_run_folder(tmp_path):
     run_dir = tmp_path / "results" / "adrop" / "1986"
     tokenizer_dir = run_dir / "save" / "tokenizer"
     tokenizer_dir.mkdir(parents=True)
-    tokenizer_path, tokenizer = _tokenizer(tmp_path)
+    tokenizer_path, tokenizer = char_tokenizer(tmp_path)
     (tokenizer_dir / "30_char.model").write_bytes(tokenizer_path.read_bytes())
     arch = {**ARCH, "vocab_size": tokenizer.get_piece_size()}
     (run_dir / "hyperparams.yaml").write_text(

@@ -9,7 +9,7 @@ import sys
 
 from conformer_prune.errors import InputError, one_line
 
-SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "report", "delta")
+SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "export", "report", "delta")
 
 
 def build_parser():

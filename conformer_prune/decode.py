@@ -34,7 +34,7 @@ SEARCHER_NAMES = {"joint": "ctc_attention_beam", "rescore": "ctc_prefix_beam_att
                   "greedy": "ctc_greedy"}
 
 
-def load_inference_folder(model_dir, search="joint", device="cpu", overrides=None):
+def load_inference_folder(model_dir, search="joint", device="cpu", overrides=None, int8=False):
     """CompactASR of a compact folder, a missing file named before SpeechBrain trips on it."""
     model_dir = Path(model_dir).resolve()
     hparams_file = model_dir / "hyperparams.yaml"
@@ -43,7 +43,8 @@ def load_inference_folder(model_dir, search="joint", device="cpu", overrides=Non
             f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
         )
     _require_files(model_dir, INFERENCE_FILES)
-    return load_compact_asr(model_dir, search=search, device=device, overrides=overrides)
+    return load_compact_asr(model_dir, search=search, device=device, overrides=overrides,
+                            int8=int8)
 
 
 class FolderDecoder:
@@ -56,14 +57,15 @@ class FolderDecoder:
     """
 
     def __init__(self, model_dir, batch_size=16, threads=None, overrides=None,
-                 output_folder=None, search="joint", device="cpu"):
+                 output_folder=None, search="joint", device="cpu", int8=False):
         self.model_dir = Path(model_dir).resolve()
         if threads:
             torch.set_num_threads(threads)
         # SpeechBrain's decoder passes a bool padding mask with a float causal mask to torch's
         # attention, which warns on every batch: one line per batch of a long sweep's log.
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-        self.asr = load_inference_folder(self.model_dir, search, device, overrides)
+        self.asr = load_inference_folder(self.model_dir, search, device, overrides, int8)
+        self.variant = f"{search}_int8" if int8 else search
         self.batch_size = batch_size
         self.output_folder = Path(output_folder or self.model_dir)
         self.output_folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,7 @@ class FolderDecoder:
         audio = sum(s["audio_seconds"] for s in splits.values())
         decode = {
             "searcher": SEARCHER_NAMES[self.asr.search],
+            "int8": self.variant.endswith("_int8"),
             "beam_size": self.asr.hparams.beam_size,
             "ctc_weight": self.asr.hparams.ctc_weight,
             "wall_seconds": wall,
@@ -117,7 +120,7 @@ class FolderDecoder:
             ids.extend(batch.id)
             references.extend(batch.wrd)
         seconds = time.perf_counter() - started
-        suffix = "" if self.asr.search == "joint" else f"_{self.asr.search}"
+        suffix = "" if self.variant == "joint" else f"_{self.variant}"
         write_alignments(self.output_folder / f"wer_{split}{suffix}.txt", ids, references, hyps)
         rates, greedy_rates = error_rates(references, hyps), error_rates(references, greedy)
         audio = sum(float(d["duration"]) for d in dataset)
@@ -130,11 +133,11 @@ class FolderDecoder:
 
 
 def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, threads=None,
-                  overrides=None, search="joint", device="cpu"):
+                  overrides=None, search="joint", device="cpu", int8=False):
     """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json
-    (results_<search>.json for a search other than the run's joint one)."""
+    (results_<search>[_int8].json for another search than the run's joint one, or int8)."""
     decoder = FolderDecoder(model_dir, batch_size, threads, overrides, search=search,
-                            device=device)
+                            device=device, int8=int8)
     splits_result, decode = decoder.score(decoder.datasets(data_folder, splits))
     model_dir = decoder.model_dir
     results = {
@@ -146,7 +149,7 @@ def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, 
         "decode": decode,
         "splits": splits_result,
     }
-    name = "results.json" if search == "joint" else f"results_{search}.json"
+    name = "results.json" if decoder.variant == "joint" else f"results_{decoder.variant}.json"
     write_results(model_dir / name, results)
     return results
 
@@ -188,6 +191,9 @@ def add_parser(subparsers):
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="override the run's CTC weight of joint and rescore search")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--int8", action="store_true",
+                        help="quantise the Linear layers to int8 first (CPU; PyTorch dynamic "
+                        "quantisation)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=run)
     return parser
@@ -198,7 +204,8 @@ def run(args):
                                                ("ctc_weight", args.ctc_weight))
                  if value is not None}
     results = decode_folder(args.model_dir, args.data_folder, args.splits.split(","),
-                            args.batch_size, args.threads, overrides, args.search, args.device)
+                            args.batch_size, args.threads, overrides, args.search, args.device,
+                            args.int8)
     for split, scores in results["splits"].items():
         print(f"{split}: WER {scores['wer']:.2f}%  CER {scores['cer']:.2f}%  "
               f"RTF {scores['rtf']:.3f} ({args.search} search)")

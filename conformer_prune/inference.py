@@ -123,8 +123,29 @@ class CompactASR(EncoderDecoderASR):
         return (picked * mask).sum(dim=1)
 
 
-def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None):
-    """CompactASR of a folder written by `conformer-prune shrink`, weights loaded offline."""
-    return CompactASR.from_hparams(source=str(model_dir), savedir=str(model_dir),
-                                   run_opts={"device": device}, overrides=overrides or {},
-                                   search=search)
+def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, int8=False):
+    """CompactASR of a folder written by `conformer-prune shrink`, weights loaded offline;
+    `int8` quantises it (quantize_int8; CPU only)."""
+    asr = CompactASR.from_hparams(source=str(model_dir), savedir=str(model_dir),
+                                  run_opts={"device": device}, overrides=overrides or {},
+                                  search=search)
+    if int8:
+        quantize_int8(asr.model)
+    return asr
+
+
+def quantize_int8(model):
+    """PyTorch's dynamic int8 quantisation of the model's nn.Linear layers, in place: weights
+    stored as int8, activations quantised per batch at run time. That covers the encoder's
+    FFNs and convolution modules' Linear layers, the decoder's FFNs and the output layers;
+    the attention projections (the compact encoder's packed ones, torch's
+    nn.MultiheadAttention in the decoder) stay float: the compact attention reads its
+    projections' weights directly, so its Linear children are left out by name."""
+    from conformer_prune.shrink import RaggedRelPosMHAXL
+
+    ragged = [name for name, module in model.named_modules()
+              if isinstance(module, RaggedRelPosMHAXL)]
+    names = {name for name, module in model.named_modules()
+             if type(module) is torch.nn.Linear
+             and not any(name.startswith(prefix + ".") for prefix in ragged)}
+    return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)

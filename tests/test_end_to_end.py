@@ -87,6 +87,25 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     assert (dashboard / "index.html").exists() and (dashboard / "runs.csv").exists()
 
 
+def test_decode_takes_another_search_int8_and_ctc_weight_without_touching_results_json(
+        gated_run, corpus):
+    compact = gated_run / "compact"
+    if not (compact / "results.json").exists():
+        assert cli_main(["shrink", str(gated_run), "--out", str(compact)]) == 0
+        assert cli_main(["decode", str(compact), "--data-folder", str(corpus)]) == 0
+    joint = (compact / "results.json").read_text()
+    assert cli_main(["decode", str(compact), "--data-folder", str(corpus), "--splits",
+                     "test-clean", "--search", "rescore", "--int8", "--ctc-weight", "0.5",
+                     "--beam-size", "3"]) == 0
+    assert (compact / "results.json").read_text() == joint
+    rescored = json.loads((compact / "results_rescore_int8.json").read_text())
+    assert rescored["decode"]["searcher"] == "ctc_prefix_beam_attention_rescore"
+    assert rescored["decode"]["int8"] is True
+    assert rescored["decode"]["ctc_weight"] == 0.5 and rescored["decode"]["beam_size"] == 3
+    assert 0 <= rescored["splits"]["test-clean"]["wer"]
+    assert (compact / "wer_test-clean_rescore_int8.txt").exists()
+
+
 @pytest.mark.parametrize("missing", ["normalizer.ckpt", "tokenizer.ckpt", "arch.json",
                                      "model.ckpt"])
 def test_decode_names_a_file_missing_from_the_compact_folder(gated_run, corpus, tmp_path,

@@ -1,5 +1,7 @@
 """The cached joint search against SpeechBrain's, and CompactASR's three searches."""
 
+import json
+
 import soundfile
 import torch
 from speechbrain.decoders import S2STransformerBeamSearcher
@@ -99,3 +101,42 @@ def test_detokenize_drops_ids_the_tokenizer_does_not_have(tmp_path):
     pieces = asr.tokenizer.get_piece_size()
     ids = asr.tokenizer.encode_as_ids("THE FOX")
     assert asr.detokenize([ids + [pieces, pieces + 1]]) == ["THE FOX"]
+
+
+def test_export_writes_torchscript_encoders_that_match_the_eager_model(tmp_path):
+    from conformer_prune.cli import main as cli_main
+
+    folder = export_tiny(tmp_path)
+    assert cli_main(["export", str(folder), "--out", str(tmp_path / "ts")]) == 0
+    report = json.loads((tmp_path / "ts" / "export.json").read_text())
+    assert set(report["files"]) == {"float", "int8"}
+    asr = load_compact_asr(folder)
+    wav = 0.1 * torch.randn(1, 23456, generator=torch.Generator().manual_seed(4))
+    loaded = torch.jit.load(str(tmp_path / "ts" / "encoder.ts"))
+    with torch.no_grad():
+        states, log_probs = loaded(wav)
+        eager = asr.encode_batch(wav, torch.ones(1))
+    assert torch.allclose(states, eager, atol=1e-5)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(log_probs.shape[:2]), atol=1e-4)
+    int8 = torch.jit.load(str(tmp_path / "ts" / "encoder_int8.ts"))
+    with torch.no_grad():
+        assert int8(wav)[0].shape == states.shape
+
+
+def test_int8_quantises_linear_layers_but_not_the_compact_attention(tmp_path):
+    from conformer_prune.inference import quantize_int8
+    from conformer_prune.shrink import RaggedRelPosMHAXL, build_compact
+
+    widths = {"layers": [{"attention": {"query": [3, 0], "value": [2, 4]}, "ffn1": 5}
+                         for _ in range(TINY_ARCH["num_encoder_layers"])]}
+    model = build_compact(TINY_ARCH, widths).eval()
+    feats = torch.randn(2, 40, TINY_ARCH["n_mels"])
+    with torch.no_grad():
+        before = model.Transformer.encode(model.CNN(feats), torch.ones(2))
+        quantize_int8(model)
+        after = model.Transformer.encode(model.CNN(feats), torch.ones(2))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear" in kinds and any("quantized" in type(m).__module__ for m in model.modules())
+    assert all(isinstance(m.linear_pos, torch.nn.Linear) for m in model.modules()
+               if isinstance(m, RaggedRelPosMHAXL))
+    assert (after - before).abs().max() < 0.1 * before.abs().max()

@@ -117,7 +117,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     dense, dense_norm, dense_hparams = dense_model(args.dense)
-    inference = load_inference_folder(args.compact)
+    inference = vars(load_inference_folder(args.compact).hparams)
     models = {"dense": (dense, dense_norm)}
     if args.gated:
         gated, gated_norm, _ = dense_model(args.gated)

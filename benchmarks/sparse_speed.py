@@ -87,7 +87,7 @@ def main():
     dense, dense_norm, hparams = dense_model(args.dense)
     sparse, sparse_norm, _ = dense_model(args.sparse)
     sparse_kernels, moved, nonzero = with_sparse_kernels(dense_model(args.sparse)[0])
-    inference = load_inference_folder(args.compact)
+    inference = vars(load_inference_folder(args.compact).hparams)
     models = {
         "dense": (dense, dense_norm),
         "sparse_dense_kernels": (sparse, sparse_norm),

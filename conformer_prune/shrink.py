@@ -220,15 +220,40 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         attn_mask = attention_mask_4d(attn_mask, self.num_heads, qlen, key.shape[1])
         if attn_mask is not None and attn_mask.shape[1] > 1:
             attn_mask = attn_mask[:, alive]
-        context, weights = relpos_attention(
-            self, q_u, q_v, by_head(k, width_q), p_k, by_head(v, width_v), key_padding_mask,
-            attn_mask,
-        )
+        k, v = by_head(k, width_q), by_head(v, width_v)
+        scored = [i for i, h in enumerate(alive) if self.query_widths[h] > 0]
+        if self.training or attn_mask is not None or len(scored) == heads:
+            context, weights = relpos_attention(
+                self, q_u, q_v, k, p_k, v, key_padding_mask, attn_mask)
+        else:
+            context, weights = self._with_uniform_heads(
+                scored, q_u, q_v, k, p_k, v, key_padding_mask), None
         context = context.transpose(1, 2).reshape(bsz, qlen, values)
         out = F.linear(context, out_w, self.out_proj.bias)
         if not return_attn_weights:
             return out
         return out, weights
+
+    def _with_uniform_heads(self, scored, q_u, q_v, k, p_k, v, key_padding_mask):
+        """The context of every live head when some have values but no query dimension: their
+        scores are all 0, so their softmax is uniform over the real keys and their context the
+        mean of their values over time, O(time) instead of O(time^2) (in eval mode only, where
+        no dropout acts on attention weights). The heads with queries attend as usual."""
+        heads = v.shape[1]
+        uniform = [i for i in range(heads) if i not in scored]
+        values = v[:, uniform]
+        if key_padding_mask is None:
+            mean = values.mean(dim=2, keepdim=True)
+        else:
+            real = (~key_padding_mask).to(values.dtype)[:, None, :, None]
+            mean = (values * real).sum(dim=2, keepdim=True) / real.sum(dim=2, keepdim=True)
+        parts = [mean.expand(-1, -1, v.shape[2], -1)]
+        if scored:
+            attended, _ = relpos_attention(self, q_u[:, scored], q_v[:, scored], k[:, scored],
+                                           p_k[:, scored], v[:, scored], key_padding_mask)
+            parts.insert(0, attended)
+        order = torch.tensor(scored + uniform, device=v.device)
+        return torch.cat(parts, dim=1).index_select(1, torch.argsort(order))
 
     def _packed_weights(self):
         """The parameters laid out head by head, each head padded to the widest live head:

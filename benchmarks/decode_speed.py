@@ -58,7 +58,7 @@ def parse_args():
     parser.add_argument("--split", default="test-clean")
     parser.add_argument("--utterances", type=int, default=16, help="timing utterances")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", help="comma-separated row numbers (1-based) to run")
     parser.add_argument("--out", help="also write the report as JSON here")
     parser.add_argument("--markdown", help="also write the table as markdown here")

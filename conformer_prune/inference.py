@@ -135,17 +135,18 @@ def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, in
 
 
 def quantize_int8(model):
-    """PyTorch's dynamic int8 quantisation of the model's nn.Linear layers, in place: weights
-    stored as int8, activations quantised per batch at run time. That covers the encoder's
-    FFNs and convolution modules' Linear layers, the decoder's FFNs and the output layers;
-    the attention projections (the compact encoder's packed ones, torch's
-    nn.MultiheadAttention in the decoder) stay float: the compact attention reads its
-    projections' weights directly, so its Linear children are left out by name."""
+    """PyTorch's dynamic int8 quantisation of the encoder's and the CTC head's nn.Linear layers,
+    in place: weights stored as int8, activations quantised per call at run time. That covers
+    the encoder's FFNs and the convolution modules' output Linear. The attention projections
+    stay float (the compact encoder reads its packed projections as weights), and so does the
+    attention decoder: its steps run one position per hypothesis, where quantising the
+    activations at every call cost more than it saved (docs/SPEED.md, the speed table)."""
     from conformer_prune.shrink import RaggedRelPosMHAXL
 
     ragged = [name for name, module in model.named_modules()
               if isinstance(module, RaggedRelPosMHAXL)]
     names = {name for name, module in model.named_modules()
              if type(module) is torch.nn.Linear
+             and name.startswith(("CNN.", "Transformer.encoder.", "ctc_lin."))
              and not any(name.startswith(prefix + ".") for prefix in ragged)}
     return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)

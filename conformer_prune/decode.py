@@ -43,6 +43,9 @@ def load_inference_folder(model_dir, search="joint", device="cpu", overrides=Non
             f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
         )
     _require_files(model_dir, INFERENCE_FILES)
+    if int8 and not str(device).startswith("cpu"):
+        raise InputError(f"--int8 runs on the CPU only (PyTorch dynamic quantisation), not "
+                         f"--device {device}")
     return load_compact_asr(model_dir, search=search, device=device, overrides=overrides,
                             int8=int8)
 

@@ -25,7 +25,9 @@ SEARCHES = ("joint", "rescore", "greedy")
 class CompactASR(EncoderDecoderASR):
     """EncoderDecoderASR for a compact folder; `search` is one of SEARCHES.
 
-        asr = CompactASR.from_hparams(source=folder, savedir=folder, search="rescore",
+        if int8 and not str(device).startswith("cpu"):
+        raise ValueError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not {device}")
+    asr = CompactASR.from_hparams(source=folder, savedir=folder, search="rescore",
                                       run_opts={"device": "cpu"}, overrides={"beam_size": 4})
         texts, tokens = asr.transcribe_batch(wavs, wav_lens)
     """
@@ -126,6 +128,8 @@ class CompactASR(EncoderDecoderASR):
 def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, int8=False):
     """CompactASR of a folder written by `conformer-prune shrink`, weights loaded offline;
     `int8` quantises it (quantize_int8; CPU only)."""
+    if int8 and not str(device).startswith("cpu"):
+        raise ValueError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not {device}")
     asr = CompactASR.from_hparams(source=str(model_dir), savedir=str(model_dir),
                                   run_opts={"device": device}, overrides=overrides or {},
                                   search=search)

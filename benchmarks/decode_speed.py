@@ -11,7 +11,8 @@ process and at one thread count:
 - real-time factor (seconds of compute per second of audio) of the full decode (waveform to
   tokens) and of the encoder alone (waveform to encoder states), at batch 1 (the timing
   utterances one at a time) and batch 16 (the same utterances as one padded batch); timings
-  alternate between rows (median of --repeats) so that a change of machine load hits all alike;
+  alternate between rows (median of --repeats, --encode-repeats for the encoder, which is timed
+  once per model variant) so that a change of machine load hits all alike;
 - WER of the row's decode over the whole split (batch 16; the TorchScript row at batch 1).
 The TorchScript encoder is traced at batch 1 without a padding mask (conformer_prune/export.py),
 so it has no batch-16 column.
@@ -58,7 +59,9 @@ def parse_args():
     parser.add_argument("--split", default="test-clean")
     parser.add_argument("--utterances", type=int, default=16, help="timing utterances")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed full decodes per row")
+    parser.add_argument("--encode-repeats", type=int, default=15,
+                        help="timed encoder passes per row (cheap, and noisier)")
     parser.add_argument("--rows", help="comma-separated row numbers (1-based) to run")
     parser.add_argument("--out", help="also write the report as JSON here")
     parser.add_argument("--markdown", help="also write the table as markdown here")
@@ -85,6 +88,9 @@ class Row:
 
     def __init__(self, name, folder, search, int8, encoder, scratch):
         self.name, self.encoder_kind = name, encoder
+        # Rows whose encoders compute the same thing (SpeechBrain's searcher changes only the
+        # search) share one encoder timing.
+        self.encoder_key = (folder, int8, encoder == "torchscript")
         self.decoder = FolderDecoder(folder, batch_size=16, search=search, int8=int8,
                                      output_folder=scratch)
         self.asr = self.decoder.asr
@@ -128,11 +134,15 @@ def main():
     for stage in ("encode", "decode"):
         calls = {}
         for row in rows:
+            # The encoder is timed once per model variant; its rows share the number.
+            key = row.encoder_key if stage == "encode" else row.name
+            if (key, 1) in calls:
+                continue
             call = getattr(row, stage)
-            calls[(row.name, 1)] = one_by_one(call)
+            calls[(key, 1)] = one_by_one(call)
             if row.encoder_kind != "torchscript":
-                calls[(row.name, 16)] = lambda call=call: call(wavs, lens)
-        repeats = args.repeats if stage == "encode" else max(1, args.repeats - 1)
+                calls[(key, 16)] = lambda call=call: call(wavs, lens)
+        repeats = args.encode_repeats if stage == "encode" else args.repeats
         timed[stage] = interleaved_medians(calls, repeats)
         print(f"timed {stage}", file=sys.stderr)
 
@@ -149,7 +159,8 @@ def main():
                  "ctc_greedy_wer": round(scores["ctc_greedy_wer"], 2)}
         for stage in ("decode", "encode"):
             for batch in (1, 16):
-                seconds = timed[stage].get((name, batch))
+                key = row.encoder_key if stage == "encode" else name
+                seconds = timed[stage].get((key, batch))
                 entry[f"{stage}_rtf_batch{batch}"] = (
                     None if seconds is None else round(seconds / audio, 5))
         report["rows"].append(entry)

@@ -25,9 +25,7 @@ SEARCHES = ("joint", "rescore", "greedy")
 class CompactASR(EncoderDecoderASR):
     """EncoderDecoderASR for a compact folder; `search` is one of SEARCHES.
 
-        if int8 and not str(device).startswith("cpu"):
-        raise ValueError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not {device}")
-    asr = CompactASR.from_hparams(source=folder, savedir=folder, search="rescore",
+        asr = CompactASR.from_hparams(source=folder, savedir=folder, search="rescore",
                                       run_opts={"device": "cpu"}, overrides={"beam_size": 4})
         texts, tokens = asr.transcribe_batch(wavs, wav_lens)
     """

@@ -163,7 +163,8 @@ def origin_of(model_dir):
     if not report_file.exists():
         return {"name": model_dir.name, "method": "unknown"}
     report = json.loads(report_file.read_text(encoding="utf-8"))
-    run_results = read_results(Path(report["checkpoint"]).parent.parent / "results.json", missing_ok=True)
+    run_results = read_results(Path(report["checkpoint"]).parent.parent / "results.json",
+                               missing_ok=True)
     origin = {
         "name": f"{run_results.get('name', model_dir.parent.name)}_shrunk",
         "method": run_results.get("method", "unknown"),

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark scripts: machine description, robust timing, the report."""
 
+import csv
 import json
 import os
 import platform
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.utils.data_utils import batch_pad_right
 
 
 def machine():
@@ -48,3 +51,15 @@ def write_report(report, out=None):
     print(text)
     if out:
         Path(out).write_text(text + "\n", encoding="utf-8")
+
+
+def csv_batch(csv_path, count, spread=False):
+    """`count` utterances of a prepared CSV (the first ones, or with `spread` taken evenly over
+    the file, which is sorted by speaker): (list of signals, padded batch, relative lengths,
+    audio seconds)."""
+    with open(csv_path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows = rows[:: max(1, len(rows) // count)][:count] if spread else rows[:count]
+    signals = [read_audio(row["wav"]) for row in rows]
+    wavs, lens = batch_pad_right(signals)
+    return signals, wavs, lens, sum(len(s) for s in signals) / 16000

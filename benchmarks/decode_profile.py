@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from speechbrain.decoders import S2STransformerBeamSearcher
 
-from common import machine, write_report
+from common import csv_batch, machine, write_report
 from conformer_prune.inference import load_compact_asr
 from conformer_prune.prepare import prepare_librispeech
-from decode_speed import timing_batch
 
 PARTS = {  # (file name ending, function name) of each part in cProfile's table
     "encoder": ("ASR.py", "encode_batch"),
@@ -51,7 +50,7 @@ def main():
     warnings.filterwarnings("ignore")
     csv_path = prepare_librispeech(args.data_folder, Path(args.model_dir) / "speed" / "data",
                                    splits=(args.split,), progress=False)[args.split]
-    _, wavs, lens, audio = timing_batch(csv_path, 16)
+    _, wavs, lens, audio = csv_batch(csv_path, 16, spread=True)
     asr = load_compact_asr(args.model_dir)
     if args.uncached:
         asr.mods.decoder.__class__ = S2STransformerBeamSearcher  # same settings, no cache

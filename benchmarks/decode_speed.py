@@ -19,16 +19,14 @@ so it has no batch-16 column.
 """
 
 import argparse
-import csv
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from speechbrain.dataio.dataio import read_audio
 from speechbrain.decoders import S2STransformerBeamSearcher
 
-from common import interleaved_medians, machine, write_report
+from common import csv_batch, interleaved_medians, machine, write_report
 from conformer_prune.decode import FolderDecoder
 from conformer_prune.export import trace_encoder
 from conformer_prune.model import count_params, load_weights
@@ -68,21 +66,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def timing_batch(csv_path, count):
-    """`count` utterances spread over the split (it is sorted by speaker): (list of signals,
-    padded batch, relative lengths, audio seconds)."""
-    with open(csv_path, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    rows = rows[:: max(1, len(rows) // count)][:count]
-    signals = [read_audio(row["wav"]) for row in rows]
-    longest = max(len(s) for s in signals)
-    wavs = torch.zeros(len(signals), longest)
-    for i, signal in enumerate(signals):
-        wavs[i, : len(signal)] = signal
-    lens = torch.tensor([len(s) / longest for s in signals])
-    return signals, wavs, lens, sum(len(s) for s in signals) / 16000
-
-
 class Row:
     """One way to run a model: its FolderDecoder and what the timing calls."""
 
@@ -120,7 +103,7 @@ def main():
     scratch = Path(args.compact) / "speed"
     csv_path = prepare_librispeech(args.data_folder, scratch / "data", splits=(args.split,),
                                    progress=False)[args.split]
-    signals, wavs, lens, audio = timing_batch(csv_path, args.utterances)
+    signals, wavs, lens, audio = csv_batch(csv_path, args.utterances, spread=True)
     folders = {"dense": args.dense, "shrunk": args.compact}
     chosen = ROWS if not args.rows else [ROWS[int(i) - 1] for i in args.rows.split(",")]
     rows = [Row(name, folders[model], search, int8, encoder, scratch / f"row{i}")

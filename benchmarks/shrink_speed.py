@@ -18,18 +18,16 @@ Target: speedup at least 0.8 times the FLOP reduction.
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
-from speechbrain.dataio.dataio import read_audio
 from speechbrain.decoders import S2STransformerBeamSearcher
 from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import interleaved_medians, machine, write_report
+from common import csv_batch, interleaved_medians, machine, write_report
 from conformer_prune.decode import load_inference_folder
 from conformer_prune.model import count_params, param_state
 from conformer_prune.prepare import prepare_librispeech
@@ -53,15 +51,8 @@ def parse_args():
 def load_batch(data_folder, split, count, work_dir):
     """The first `count` utterances of the split as one padded batch, and their audio seconds."""
     csv_path = prepare_librispeech(data_folder, work_dir, splits=(split,), progress=False)[split]
-    with open(csv_path, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:count]
-    signals = [read_audio(row["wav"]) for row in rows]
-    longest = max(len(s) for s in signals)
-    wavs = torch.zeros(len(signals), longest)
-    for i, signal in enumerate(signals):
-        wavs[i, : len(signal)] = signal
-    lens = torch.tensor([len(s) / longest for s in signals])
-    return wavs, lens, sum(len(s) for s in signals) / 16000
+    _, wavs, lens, seconds = csv_batch(csv_path, count)
+    return wavs, lens, seconds
 
 
 def dense_model(run_dir):

@@ -43,9 +43,6 @@ def load_inference_folder(model_dir, search="joint", device="cpu", overrides=Non
             f"{hparams_file}: missing; expected a folder written by `conformer-prune shrink`"
         )
     _require_files(model_dir, INFERENCE_FILES)
-    if int8 and not str(device).startswith("cpu"):
-        raise InputError(f"--int8 runs on the CPU only (PyTorch dynamic quantisation), not "
-                         f"--device {device}")
     return load_compact_asr(model_dir, search=search, device=device, overrides=overrides,
                             int8=int8)
 
@@ -68,6 +65,7 @@ class FolderDecoder:
         # attention, which warns on every batch: one line per batch of a long sweep's log.
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
         self.asr = load_inference_folder(self.model_dir, search, device, overrides, int8)
+        self.int8 = int8
         self.variant = f"{search}_int8" if int8 else search
         self.batch_size = batch_size
         self.output_folder = Path(output_folder or self.model_dir)
@@ -100,7 +98,7 @@ class FolderDecoder:
         audio = sum(s["audio_seconds"] for s in splits.values())
         decode = {
             "searcher": SEARCHER_NAMES[self.asr.search],
-            "int8": self.variant.endswith("_int8"),
+            "int8": self.int8,
             "beam_size": self.asr.hparams.beam_size,
             "ctc_weight": self.asr.hparams.ctc_weight,
             "wall_seconds": wall,
@@ -196,8 +194,8 @@ def add_parser(subparsers):
                         help="override the run's CTC weight of joint and rescore search")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--int8", action="store_true",
-                        help="quantise the Linear layers to int8 first (CPU; PyTorch dynamic "
-                        "quantisation)")
+                        help="quantise the encoder's and CTC head's Linear layers to int8 first "
+                        "(CPU; PyTorch dynamic quantisation)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=run)
     return parser

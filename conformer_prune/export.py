@@ -11,7 +11,7 @@ It is a trace at batch 1 without a padding mask (one utterance has no padding), 
 works: the export is checked against the eager model on a signal of another length than the
 one it was traced on, and the largest difference is written to export.json.
 
-int8: `inference.quantize_int8`, PyTorch's dynamic quantisation of the nn.Linear layers.
+int8: `inference.quantize_int8`, PyTorch's dynamic quantisation of the encoder's Linear layers.
 """
 
 import json

@@ -19,6 +19,9 @@ import torch
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 from speechbrain.inference.ASR import EncoderDecoderASR
 
+from conformer_prune.errors import InputError
+from conformer_prune.shrink import RaggedRelPosMHAXL
+
 SEARCHES = ("joint", "rescore", "greedy")
 
 
@@ -127,7 +130,8 @@ def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, in
     """CompactASR of a folder written by `conformer-prune shrink`, weights loaded offline;
     `int8` quantises it (quantize_int8; CPU only)."""
     if int8 and not str(device).startswith("cpu"):
-        raise ValueError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not {device}")
+        raise InputError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not on "
+                         f"device {device}")
     asr = CompactASR.from_hparams(source=str(model_dir), savedir=str(model_dir),
                                   run_opts={"device": device}, overrides=overrides or {},
                                   search=search)
@@ -143,8 +147,6 @@ def quantize_int8(model):
     stay float (the compact encoder reads its packed projections as weights), and so does the
     attention decoder: its steps run one position per hypothesis, where quantising the
     activations at every call cost more than it saved (docs/SPEED.md, the speed table)."""
-    from conformer_prune.shrink import RaggedRelPosMHAXL
-
     ragged = [name for name, module in model.named_modules()
               if isinstance(module, RaggedRelPosMHAXL)]
     names = {name for name, module in model.named_modules()

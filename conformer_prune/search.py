@@ -2,20 +2,18 @@
 
 SpeechBrain's S2STransformerBeamSearcher runs `TransformerASR.decode` on the whole prefix at
 every step, and projects the encoder states to keys and values again in every step and layer:
-for a 16-utterance batch of the mini model that is 24 of 28 seconds of decoding (cProfile,
-docs/SPEED.md), whatever the encoder's size. SpeechBrain has a cache only for Whisper, so this
-subclass keeps, per decoder layer, the self-attention keys and values of the prefix and the
-cross-attention keys and values of the encoder states, and runs each step on the new position
+for 16 test-clean utterances of the mini model that is 84% of decoding, whatever the encoder's
+size (benchmarks/decode_profile.py, docs/SPEED.md). SpeechBrain has a cache only for Whisper,
+so this subclass keeps, per decoder layer, the self-attention keys and values of the prefix and
+the cross-attention keys and values of the encoder states, and runs each step on the new position
 only. The decoder is causal, so earlier positions' outputs do not change as the prefix grows:
 the cached step computes the same function as the full pass (equal up to float rounding;
 tests/test_search.py compares both searchers' hypotheses and scores).
 
 Only post-norm and pre-norm SpeechBrain TransformerDecoderLayers over torch's
 nn.MultiheadAttention (the decoder of TransformerASR with RelPosMHAXL encoder attention) are
-supported; other decoders fall back to the parent's full pass.
+supported; another decoder layout stops the search with NotImplementedError (`cacheable`).
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +24,6 @@ from speechbrain.lobes.models.transformer.Transformer import TransformerDecoderL
 class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
     """S2STransformerBeamSearcher whose decoder step reuses the previous steps' work; same
     arguments. `memory` between steps is a DecoderCache instead of the token prefix."""
-
-    def reset_mem(self, batch_size, device):
-        return None
 
     def permute_mem(self, memory, index):
         return memory.select_beams(index)
@@ -131,12 +126,7 @@ def _heads(x, heads):
 
 
 def _attend(att, q, k, v, mask):
-    """torch.nn.MultiheadAttention's scaled dot-product attention and output projection for
-    queries (batch, 1, embed_dim) against per-head keys and values."""
-    q = _heads(q, att.num_heads)
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    context = torch.matmul(torch.softmax(scores, dim=-1), v)
-    context = context.transpose(1, 2).reshape(q.shape[0], 1, -1)
-    return att.out_proj(context)
+    """torch.nn.MultiheadAttention's attention and output projection for queries
+    (batch, 1, embed_dim) against per-head keys and values; `mask` True where a key counts."""
+    context = F.scaled_dot_product_attention(_heads(q, att.num_heads), k, v, attn_mask=mask)
+    return att.out_proj(context.transpose(1, 2).reshape(q.shape[0], 1, -1))

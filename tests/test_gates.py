@@ -199,6 +199,45 @@ def test_budget_mode_moves_alpha_toward_target():
     assert below.alpha < 1.0
 
 
+def test_budget_commit_keeps_the_most_retained_units_that_fit():
+    model = _two_gates()  # a: 2 units of cost 4, b: 3 units of cost 1
+    model["w"] = torch.nn.Linear(10, 10)  # 110 parameters: 99 ungated, as unit costs count
+    schedule = TargetSchedule("linear", 3.0, -3.0, span=0.5)
+    regulariser = RetentionRegulariser(1.0, schedule, target_params=99 + 9, keep_target=4.0,
+                                       budget_every=1000)
+    regulariser(model, 0.6)  # commit phase: the side of each unit is the budget's
+    gates = [gate for _, gate in iter_gates(model)]
+    # logits by rank: b2 (3.0, cost 1), a1 (2.0, cost 4), a0 (1.0, cost 4) -> 9 fits; b0 not.
+    assert regulariser.budget_keep(gates).tolist() == [True, True, False, False, True]
+    # b0 (p = 0.5) is above the threshold but outside the budget: pulled down, not up.
+    targets = regulariser._unit_targets(gates, 0.6)
+    assert targets.tolist() == [4.0, 4.0, -3.0, -3.0, 4.0]
+
+
+def test_budget_commit_lands_on_the_budget_in_real_parameters():
+    gated = insert_gates(tiny_modules())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, gate in iter_gates(gated):
+            gate.logits.copy_(torch.randn(gate.units, generator=generator))
+    dense = params_if_shrunk(insert_gates(tiny_modules()))["total"]
+    target = int(0.4 * dense)
+    regulariser = RetentionRegulariser(1.0, TargetSchedule("linear", span=0.5),
+                                       target_params=target, keep_target=4.0)
+    regulariser(gated, 0.6)
+    gates = [gate for _, gate in iter_gates(gated)]
+    kept = regulariser.budget_keep(gates)
+    with torch.no_grad():  # as if the commit phase had polarised every unit to its side
+        for gate, side in zip(gates, torch.split(kept, [g.units for g in gates])):
+            gate.logits.copy_(torch.where(side, 4.0, -4.0))
+    # By unit costs the kept side fills the budget to within one unit; the real shrink is never
+    # larger (a conv module with no channel left sheds its norm and bias too: smaller).
+    closed = sum(g.unit_cost * int((~g.keep_mask()).sum()) for g in gates)
+    by_costs = dense - closed
+    assert target - max(g.unit_cost for g in gates) < by_costs <= target
+    assert params_if_shrunk(gated)["total"] <= by_costs
+
+
 def test_retention_distribution_counts_bins_and_polarised_share():
     model = torch.nn.Sequential(AdaptiveDropout(4), AdaptiveDropout(2))
     retentions = [0.01, 0.05, 0.35, 0.95, 0.999, 0.5]

@@ -155,7 +155,13 @@ class ASRBrain(sb.core.Brain):
         step then averages N different batches and there are N times fewer steps per epoch."""
         batch_sampler = loader_kwargs.get("batch_sampler")
         if not self.distributed_launch or batch_sampler is None:
-            return super()._train_loader_specifics(dataset, loader_kwargs)
+            loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+            if self.train_sampler is None and hasattr(batch_sampler, "set_epoch"):
+                # SpeechBrain tells only the samplers it made itself which epoch it is; without
+                # this, the DynamicBatchSampler draws its batches from seed + 0 every epoch and
+                # every epoch trains on the same batches in the same order.
+                self.train_sampler = batch_sampler
+            return loader_kwargs
         self.train_sampler = SplitBatchesAcrossRanks(
             batch_sampler, torch.distributed.get_rank(), torch.distributed.get_world_size())
         loader_kwargs["batch_sampler"] = self.train_sampler
@@ -522,12 +528,36 @@ def dataio_prepare(hparams, tokenizer):
         "generator", torch.Generator().manual_seed(hparams["seed"]))
     if "dynamic_batching" in hparams:
         # Batches of similar length up to a total duration: little padding, steady memory.
-        hparams["train_dataloader_opts"]["batch_sampler"] = DynamicBatchSampler(
+        hparams["train_dataloader_opts"]["batch_sampler"] = LengthBatchSampler(
             train_data,
             length_func=lambda example: float(example["duration"]),
+            ascending_epochs=hparams.get("ascending_epochs", 0),
             **hparams["dynamic_batching"],
         )
     return train_data, valid_data, test_datasets
+
+
+class LengthBatchSampler(DynamicBatchSampler):
+    """SpeechBrain's DynamicBatchSampler whose first `ascending_epochs` epochs (counted from 1,
+    as the epoch counter does) take their batches shortest first, its `batch_ordering` after.
+
+    Why: the curriculum of Deep Speech 2 ("SortaGrad"): short utterances first give a CTC model
+    easy alignments while it learns to leave the all-blank plateau (docs/TRAINING.md measures
+    it). The batches themselves are the parent's: only their order changes.
+    """
+
+    def __init__(self, *args, ascending_epochs=0, **kwargs):
+        self.ascending_epochs = int(ascending_epochs)  # the parent's __init__ orders batches
+        super().__init__(*args, **kwargs)
+
+    def _permute_batches(self):
+        if not 1 <= self._epoch <= self.ascending_epochs:
+            return super()._permute_batches()
+        ordering, self._batch_ordering = self._batch_ordering, "ascending"
+        try:
+            super()._permute_batches()
+        finally:
+            self._batch_ordering = ordering
 
 
 def add_pipelines(datasets, tokenizer, bos_index, eos_index):

@@ -349,6 +349,11 @@ class RetentionRegulariser:
             self._dense_params = sum(
                 p.numel() for p in model.parameters() if id(p) not in gate_params
             )
+            if self.target_params is not None and self.target_params >= self._dense_params:
+                raise InputError(
+                    f"gate_target_params: {self.target_params} is not below the model's "
+                    f"{self._dense_params} parameters (gate logits not counted), so there is "
+                    "nothing to prune; set a smaller budget, or null for no budget")
         return self._dense_params
 
     def expected_params(self, model):

@@ -238,6 +238,15 @@ def test_budget_commit_lands_on_the_budget_in_real_parameters():
     assert params_if_shrunk(gated)["total"] <= by_costs
 
 
+def test_a_budget_the_model_already_fits_is_a_clear_error():
+    from conformer_prune.errors import InputError
+
+    gated = insert_gates(tiny_modules())
+    regulariser = RetentionRegulariser(1.0, TargetSchedule(), target_params=1850000)
+    with pytest.raises(InputError, match="gate_target_params: 1850000 is not below"):
+        regulariser(gated, 0.0)
+
+
 def test_retention_distribution_counts_bins_and_polarised_share():
     model = torch.nn.Sequential(AdaptiveDropout(4), AdaptiveDropout(2))
     retentions = [0.01, 0.05, 0.35, 0.95, 0.999, 0.5]

@@ -2,11 +2,13 @@
 # Every pruning method on the seam at its default size, at several seeds, on one dashboard
 # (issue 15): each method's point is its mean over the seeds with a min-max error bar, and
 # seeds.md has each WER as mean ± standard deviation (n) with its range.
-#   per seed: dense and adaptive dropout (gated) side by side, then the gated run shrunk and
-#   decoded; then per seed, JOBS at a time: from scratch at adaptive dropout's widths and
-#   uniformly narrower at its size, structured magnitude pruning of the dense run to its widths
-#   and to its size, unstructured magnitude, PLATON and SEVEN at a keep ratio of KEEP%, and the
-#   dense run fine-tuned as long unpruned (the reference of the unstructured ones).
+#   1. dense and adaptive dropout (gated, in budget mode: the same size at every seed) at every
+#      seed, JOBS at a time; every gated run shrunk and decoded;
+#   2. at every seed, JOBS at a time: from scratch at adaptive dropout's widths and uniformly
+#      narrower at its size, structured magnitude pruning of the dense run to its widths and to
+#      its size, unstructured magnitude, PLATON and SEVEN at a keep ratio of KEEP%, and the
+#      dense run fine-tuned as long unpruned (the reference of the unstructured ones);
+#   3. one dashboard (conformer-prune report) over every run.
 # Runs share names with recipes/embedded.sh, compare_structured.sh and compare_unstructured.sh,
 # so a run one of them finished is not trained again. Every stage skips what is done (a run
 # with results.json) and a killed run resumes from its last checkpoint: run it again to go on.
@@ -14,23 +16,29 @@
 # one core each), KEEP (unstructured keep ratio in percent, default 30), OUT (dashboard folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$(date +%s)
 bash recipes/setup.sh
 CORPUS=${CORPUS:-corpus}
 SEEDS=${SEEDS:-"1986 2024 7"}
 JOBS=${JOBS:-2}
 KEEP=${KEEP:-30}
 OUT=${OUT:-dashboard_compare}
-SEED=${SEEDS%% *}  # lib.sh wants one; each stage below sets its own
 source recipes/lib.sh
 
 stage "corpus: 1.5 h of synthesised speech in $CORPUS"
 conformer-prune synth-corpus --out "$CORPUS" --hours 1.5 --seed 1234
 
-for SEED in $SEEDS; do
-    stage "seed $SEED: dense and adaptive dropout (gated), side by side"
-    train_side_by_side hparams/mini/conformer_dense.yaml hparams/mini/conformer_adrop.yaml
-    run=results/conformer_adrop_mini/$SEED
-    stage "seed $SEED: shrink and decode the gated model"
+main=()  # the main command's two runs at every seed, first: the baselines start from them
+for seed in $SEEDS; do
+    main+=("$seed hparams/mini/conformer_dense.yaml conformer_dense_mini"
+           "$seed hparams/mini/conformer_adrop.yaml conformer_adrop_mini")
+done
+stage "dense and adaptive dropout (gated) at seeds $SEEDS, $JOBS at a time"
+JOBS=$JOBS train_queue "${main[@]}"
+
+for seed in $SEEDS; do
+    run=results/conformer_adrop_mini/$seed
+    stage "seed $seed: shrink and decode the gated model"
     conformer-prune shrink "$run" --out "$run/compact" | tail -n 2
     if [ ! -f "$run/compact/results.json" ]; then
         conformer-prune decode "$run/compact" --data-folder "$CORPUS"
@@ -38,29 +46,28 @@ for SEED in $SEEDS; do
 done
 
 keep_ratio=$(awk "BEGIN {print $KEEP / 100}")
-baselines=(  # longest first, so that the last slot does not wait on a long run alone
+methods=(  # longest first, so that the last slot does not wait on a long run alone
     "hparams/mini/conformer_scratch_widths.yaml conformer_scratch_widths_mini"
     "hparams/mini/conformer_scratch_uniform.yaml conformer_scratch_uniform_mini"
     "hparams/mini/conformer_finetune.yaml conformer_finetune_mini"
 )
 for method in magnitude platon seven; do
-    baselines+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$KEEP --prune_final_keep $keep_ratio")
+    methods+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$KEEP --prune_final_keep $keep_ratio")
 done
-baselines+=("hparams/mini/conformer_magnitude_widths.yaml conformer_magnitude_widths_mini"
-            "hparams/mini/conformer_magnitude_global.yaml conformer_magnitude_global_mini")
-for SEED in $SEEDS; do
-    stage "seed $SEED: the baselines, $JOBS at a time"
-    JOBS=$JOBS train_each "${baselines[@]}"
+methods+=("hparams/mini/conformer_magnitude_widths.yaml conformer_magnitude_widths_mini"
+          "hparams/mini/conformer_magnitude_global.yaml conformer_magnitude_global_mini")
+baselines=()
+for seed in $SEEDS; do
+    for spec in "${methods[@]}"; do baselines+=("$seed $spec"); done
 done
+stage "the baselines at seeds $SEEDS, $JOBS at a time"
+JOBS=$JOBS train_queue "${baselines[@]}"
 
 stage "dashboard: every run at every seed"
 runs=()
-for SEED in $SEEDS; do
-    for spec in "hparams/mini/conformer_dense.yaml conformer_dense_mini" \
-                "hparams/mini/conformer_adrop.yaml conformer_adrop_mini" "${baselines[@]}"; do
-        read -r -a words <<< "$spec"
-        runs+=("results/${words[1]}/$SEED")
-    done
+for spec in "${main[@]}" "${baselines[@]}"; do
+    read -r -a words <<< "$spec"
+    runs+=("results/${words[2]}/${words[0]}")
 done
 conformer-prune report "${runs[@]}" --out "$OUT"
 stage "done: open $OUT/index.html (seeds.md: mean ± standard deviation (n) per recipe)"

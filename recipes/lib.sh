@@ -1,5 +1,6 @@
 # Shared by the recipes: timed stage headers and side-by-side training that skips finished runs.
-# Source it after `cd` to the repository root; CORPUS and SEED must be set.
+# Source it after `cd` to the repository root; CORPUS must be set, and SEED for all but
+# train_queue.
 
 started=${started:-$(date +%s)}
 stage() { echo "=== [$(( $(date +%s) - started ))s] $*"; }
@@ -31,31 +32,41 @@ train_side_by_side() {
     return $failed
 }
 
-# train_each "YAML NAME [OVERRIDE...]"...: trains each spec as results/NAME/$SEED (train.py's
-# --experiment_name NAME plus the overrides; words split on spaces), JOBS at a time (default 2,
-# one core each). Finished runs (results.json) are skipped, killed ones resume. Fails if any
-# run did not finish, showing the end of its log.
+# train_each "YAML NAME [OVERRIDE...]"...: train_queue at this $SEED.
 train_each() {
-    local jobs=${JOBS:-2} spec run failed=0
+    local spec specs=()
+    for spec in "$@"; do specs+=("$SEED $spec"); done
+    train_queue "${specs[@]}"
+}
+
+# train_queue "SEED YAML NAME [OVERRIDE...]"...: trains each spec as results/NAME/SEED
+# (train.py's --seed SEED --experiment_name NAME plus the overrides; words split on spaces),
+# JOBS at a time (default 2, one core each), in the order given. Finished runs (results.json)
+# are skipped, killed ones resume. Fails if any run did not finish, showing the end of its log
+# (results/NAME_SEED.log).
+train_queue() {
+    local jobs=${JOBS:-2} spec run log failed=0
     local -a words
     mkdir -p results
     for spec in "$@"; do
         read -r -a words <<< "$spec"
-        run=results/${words[1]}/$SEED
+        run=results/${words[2]}/${words[0]}
+        log=results/${words[2]}_${words[0]}.log
         if [ -f "$run/results.json" ]; then
             echo "$run: done (results.json), skipped"
             continue
         fi
         while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
-        echo "training ${words[0]} -> $run (log: results/${words[1]}.log)"
-        python train.py "${words[0]}" --data_folder "$CORPUS" --seed "$SEED" \
-            --experiment_name "${words[1]}" "${words[@]:2}" > "results/${words[1]}.log" 2>&1 &
+        echo "training ${words[1]} -> $run (log: $log)"
+        python train.py "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
+            --experiment_name "${words[2]}" "${words[@]:3}" > "$log" 2>&1 &
     done
     wait || true
     for spec in "$@"; do
         read -r -a words <<< "$spec"
-        if [ ! -f "results/${words[1]}/$SEED/results.json" ]; then
-            echo "FAILED: results/${words[1]}.log ends with:"; tail -n 30 "results/${words[1]}.log"
+        log=results/${words[2]}_${words[0]}.log
+        if [ ! -f "results/${words[2]}/${words[0]}/results.json" ]; then
+            echo "FAILED: $log ends with:"; tail -n 30 "$log"
             failed=1
         fi
     done

@@ -4,10 +4,11 @@
 # seeds.md has each WER as mean ± standard deviation (n) with its range.
 #   1. dense and adaptive dropout (gated, in budget mode: the same size at every seed) at every
 #      seed, JOBS at a time; every gated run shrunk and decoded;
-#   2. at every seed, JOBS at a time: from scratch at adaptive dropout's widths and uniformly
-#      narrower at its size, structured magnitude pruning of the dense run to its widths and to
-#      its size, unstructured magnitude, PLATON and SEVEN at a keep ratio of KEEP%, and the
-#      dense run fine-tuned as long unpruned (the reference of the unstructured ones);
+#   2. each at every seed, JOBS at a time: structured magnitude pruning of the dense run to
+#      adaptive dropout's widths and to its size, unstructured magnitude, PLATON and SEVEN at
+#      a keep ratio of KEEP%, the dense run fine-tuned as long unpruned (the reference of the
+#      unstructured ones), and from scratch at adaptive dropout's widths and uniformly
+#      narrower at its size;
 #   3. one dashboard (conformer-prune report) over every run.
 # Runs share names with recipes/embedded.sh, compare_structured.sh and compare_unstructured.sh,
 # so a run one of them finished is not trained again. Every stage skips what is done (a run
@@ -46,19 +47,19 @@ for seed in $SEEDS; do
 done
 
 keep_ratio=$(awk "BEGIN {print $KEEP / 100}")
-methods=(  # longest first, so that the last slot does not wait on a long run alone
-    "hparams/mini/conformer_scratch_widths.yaml conformer_scratch_widths_mini"
-    "hparams/mini/conformer_scratch_uniform.yaml conformer_scratch_uniform_mini"
-    "hparams/mini/conformer_finetune.yaml conformer_finetune_mini"
-)
+# Method by method, each at every seed, the quick ones first: a run stopped half way has whole
+# groups of seeds for the methods it reached.
+methods=("hparams/mini/conformer_magnitude_widths.yaml conformer_magnitude_widths_mini"
+         "hparams/mini/conformer_magnitude_global.yaml conformer_magnitude_global_mini")
 for method in magnitude platon seven; do
     methods+=("hparams/mini/conformer_$method.yaml conformer_${method}_mini_keep$KEEP --prune_final_keep $keep_ratio")
 done
-methods+=("hparams/mini/conformer_magnitude_widths.yaml conformer_magnitude_widths_mini"
-          "hparams/mini/conformer_magnitude_global.yaml conformer_magnitude_global_mini")
+methods+=("hparams/mini/conformer_finetune.yaml conformer_finetune_mini"
+          "hparams/mini/conformer_scratch_widths.yaml conformer_scratch_widths_mini"
+          "hparams/mini/conformer_scratch_uniform.yaml conformer_scratch_uniform_mini")
 baselines=()
-for seed in $SEEDS; do
-    for spec in "${methods[@]}"; do baselines+=("$seed $spec"); done
+for spec in "${methods[@]}"; do
+    for seed in $SEEDS; do baselines+=("$seed $spec"); done
 done
 stage "the baselines at seeds $SEEDS, $JOBS at a time"
 JOBS=$JOBS train_queue "${baselines[@]}"

@@ -542,8 +542,9 @@ class LengthBatchSampler(DynamicBatchSampler):
     as the epoch counter does) take their batches shortest first, its `batch_ordering` after.
 
     Why: the curriculum of Deep Speech 2 ("SortaGrad"): short utterances first give a CTC model
-    easy alignments while it learns to leave the all-blank plateau (docs/TRAINING.md measures
-    it). The batches themselves are the parent's: only their order changes.
+    easy alignments while it learns to leave the all-blank plateau. On the mini recipe one
+    ascending epoch slowed the start instead (docs/TRAINING.md), so the YAMLs keep 0. The
+    batches themselves are the parent's: only their order changes.
     """
 
     def __init__(self, *args, ascending_epochs=0, **kwargs):

@@ -318,7 +318,8 @@ class RetentionRegulariser:
         return self.alpha * total
 
     def _unit_targets(self, gates, progress):
-        """c(t) for every unit, or per side of the threshold in the commit phase."""
+        """c(t) for every unit, or per side (of the threshold, or of the budget in budget mode)
+        in the commit phase."""
         if self.keep_target is None or not self.schedule.fall_ended(progress):
             return self.target
         if self.target_params is None:

@@ -223,6 +223,12 @@ class TargetSchedule:
         return self.start + (self.end - self.start) * self.fraction(progress)
 
 
+def _unit_costs(gates, like):
+    """Each unit's `unit_cost` (the parameters it controls), in `gates` order, as a tensor of
+    `like`'s dtype and device."""
+    return torch.cat([like.new_full((g.units,), float(g.unit_cost)) for g in gates])
+
+
 class RetentionRegulariser:
     """R(beta; t) = alpha * sum_d w_d (beta_d - c(t))^2 over every gate of a model.
 
@@ -312,7 +318,7 @@ class RetentionRegulariser:
         logits = torch.cat([gate.logits for gate in gates])
         squares = (logits - self._unit_targets(gates, progress)) ** 2
         if self.cost_weighted:
-            weights = torch.cat([logits.new_full((g.units,), float(g.unit_cost)) for g in gates])
+            weights = _unit_costs(gates, logits)
             squares = squares * (weights / weights.mean())
         total = squares.sum() if self.normalise == "sum" else squares.mean()
         return self.alpha * total
@@ -334,10 +340,9 @@ class RetentionRegulariser:
         model fit `target_params`. Needs the dense count (`_dense_count`) first."""
         with torch.no_grad():
             logits = torch.cat([gate.logits for gate in gates])
-            costs = torch.cat([torch.full((g.units,), float(g.unit_cost), dtype=torch.float64)
-                               for g in gates])
+            costs = _unit_costs(gates, torch.empty(0, dtype=torch.float64))
             ungated = self._dense_params - float(costs.sum())
-            order = torch.argsort(logits.detach().cpu(), descending=True, stable=True)
+            order = torch.argsort(logits.cpu(), descending=True, stable=True)
             fits = torch.cumsum(costs[order], 0) <= self.target_params - ungated
             kept = torch.zeros(len(order), dtype=torch.bool)
             kept[order[fits]] = True

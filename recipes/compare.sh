@@ -38,12 +38,8 @@ stage "dense and adaptive dropout (gated) at seeds $SEEDS, $JOBS at a time"
 JOBS=$JOBS train_queue "${main[@]}"
 
 for seed in $SEEDS; do
-    run=results/conformer_adrop_mini/$seed
-    stage "seed $seed: shrink and decode the gated model"
-    conformer-prune shrink "$run" --out "$run/compact" | tail -n 2
-    if [ ! -f "$run/compact/results.json" ]; then
-        conformer-prune decode "$run/compact" --data-folder "$CORPUS"
-    fi
+    stage "seed $seed: shrink the gated model and decode the compact one"
+    shrink_and_decode "results/conformer_adrop_mini/$seed"
 done
 
 keep_ratio=$(awk "BEGIN {print $KEEP / 100}")

@@ -21,15 +21,8 @@ stage "dense baseline and adaptive dropout (gated) model, side by side"
 train_side_by_side hparams/mini/conformer_dense.yaml hparams/mini/conformer_adrop.yaml
 
 run=results/conformer_adrop_mini/$SEED
-stage "shrink the gated model"
-conformer-prune shrink "$run" --out "$run/compact"
-
-stage "decode the compact model"
-if [ -f "$run/compact/results.json" ]; then
-    echo "$run/compact: decoded (results.json), skipped"
-else
-    conformer-prune decode "$run/compact" --data-folder "$CORPUS"
-fi
+stage "shrink the gated model and decode the compact one"
+shrink_and_decode "$run"
 
 stage "speed: dense vs shrunk encoder"
 python benchmarks/shrink_speed.py --dense results/conformer_dense_mini/$SEED \

@@ -32,6 +32,18 @@ train_side_by_side() {
     return $failed
 }
 
+# shrink_and_decode RUN: shrinks a gated run into RUN/compact (conformer-prune shrink) and
+# decodes the compact model on $CORPUS, unless it was decoded already (its results.json).
+shrink_and_decode() {
+    local run=$1
+    conformer-prune shrink "$run" --out "$run/compact"
+    if [ -f "$run/compact/results.json" ]; then
+        echo "$run/compact: decoded (results.json), skipped"
+    else
+        conformer-prune decode "$run/compact" --data-folder "$CORPUS"
+    fi
+}
+
 # train_each "YAML NAME [OVERRIDE...]"...: train_queue at this $SEED.
 train_each() {
     local spec specs=()

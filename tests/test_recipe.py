@@ -144,19 +144,23 @@ def test_every_baseline_has_a_yaml_at_both_scales_naming_its_method(scale, basel
     assert hparams["experiment_name"] == f"conformer_{baseline}{'_mini' if scale else ''}"
 
 
-def _duration_dataset(durations):
+DURATIONS = [1.0 + (7 * i % 23) / 4 for i in range(60)]  # seconds, 1.0-6.5, mixed order
+
+
+def length_sampler(**options):
+    """The recipe's batch sampler over DURATIONS, 12 s batches in 4 buckets, random order."""
     from speechbrain.dataio.dataset import DynamicItemDataset
 
-    return DynamicItemDataset({f"u{i}": {"duration": d} for i, d in enumerate(durations)})
+    from conformer_prune.asr_brain import LengthBatchSampler
+
+    data = DynamicItemDataset({f"u{i}": {"duration": d} for i, d in enumerate(DURATIONS)})
+    return LengthBatchSampler(data, max_batch_length=12, num_buckets=4, shuffle=True,
+                              batch_ordering="random",
+                              length_func=lambda example: float(example["duration"]), **options)
 
 
 def test_the_brain_tells_the_batch_sampler_each_epoch_and_batches_change():
-    from conformer_prune.asr_brain import LengthBatchSampler
-
-    durations = [1.0 + (7 * i % 23) / 4 for i in range(60)]
-    sampler = LengthBatchSampler(_duration_dataset(durations), max_batch_length=12,
-                                 num_buckets=4, shuffle=True, batch_ordering="random",
-                                 length_func=lambda example: float(example["duration"]))
+    sampler = length_sampler()
     brain = ASRBrain.__new__(ASRBrain)  # only SpeechBrain's part of the Brain is needed here
     sb.Brain.__init__(brain, modules={"m": torch.nn.Linear(1, 1)}, run_opts={"device": "cpu"})
     brain._train_loader_specifics(None, {"batch_sampler": sampler})
@@ -171,17 +175,11 @@ def test_the_brain_tells_the_batch_sampler_each_epoch_and_batches_change():
 
 
 def test_ascending_epochs_take_batches_shortest_first_then_the_yaml_ordering():
-    from conformer_prune.asr_brain import LengthBatchSampler
-
-    durations = [1.0 + (7 * i % 23) / 4 for i in range(60)]
-    sampler = LengthBatchSampler(_duration_dataset(durations), ascending_epochs=1,
-                                 max_batch_length=12, num_buckets=4, shuffle=True,
-                                 batch_ordering="random",
-                                 length_func=lambda example: float(example["duration"]))
+    sampler = length_sampler(ascending_epochs=1)
 
     def longest(epoch):
         sampler.set_epoch(epoch)
-        return [max(durations[int(i)] for i in batch) for batch in sampler]
+        return [max(DURATIONS[int(i)] for i in batch) for batch in sampler]
 
     assert longest(1) == sorted(longest(1))
     assert longest(2) != sorted(longest(2))

@@ -208,8 +208,11 @@ class ASRBrain(sb.core.Brain):
     # ----- helpers -----------------------------------------------------------------------
 
     def _augmenters(self, stage):
-        """The waveform and feature augmenters for this stage (None when off or not training)."""
-        if stage != sb.Stage.TRAIN:
+        """The waveform and feature augmenters for this stage (None when off or not training,
+        or before the epoch `augment_from_epoch`: on a small corpus augmentation from the
+        start holds the model on the blank plateau, docs/TRAINING.md)."""
+        first_epoch = getattr(self.hparams, "augment_from_epoch", 1)
+        if stage != sb.Stage.TRAIN or self.hparams.epoch_counter.current < first_epoch:
             return None, None
         return (getattr(self.hparams, "wav_augment", None),
                 getattr(self.hparams, "fea_augment", None))

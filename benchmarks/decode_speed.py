@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The speed table: dense against shrunk, float against int8 and TorchScript, by search.
+"""The speed table: dense against shrunk, float against int8, TorchScript and ONNX, by search.
 
     python benchmarks/decode_speed.py --dense results/conformer_dense_mini/1986/compact \
         --compact results/conformer_adrop_mini/1986/compact --data-folder corpus \
@@ -13,9 +13,10 @@ process and at one thread count:
   utterances one at a time) and batch 16 (the same utterances as one padded batch); timings
   alternate between rows (median of --repeats, --encode-repeats for the encoder, which is timed
   once per model variant) so that a change of machine load hits all alike;
-- WER of the row's decode over the whole split (batch 16; the TorchScript row at batch 1).
+- WER of the row's decode over the whole split (batch 16; the exported rows at batch 1).
 The TorchScript encoder is traced at batch 1 without a padding mask (conformer_prune/export.py),
-so it has no batch-16 column.
+and the ONNX one (run by onnxruntime, from the filterbanks that SpeechBrain's Fbank computes in
+the row's time) is exported alike, so they have no batch-16 column.
 """
 
 import argparse
@@ -28,12 +29,12 @@ from speechbrain.decoders import S2STransformerBeamSearcher
 
 from common import csv_batch, interleaved_medians, machine, write_report
 from conformer_prune.decode import FolderDecoder
-from conformer_prune.export import trace_encoder
+from conformer_prune.export import export_onnx, onnx_session, trace_encoder
 from conformer_prune.model import count_params, load_weights
 from conformer_prune.prepare import prepare_librispeech
 
-# (row name, model, search, int8, encoder): encoder "eager", "torchscript" or "uncached" (the
-# eager encoder with SpeechBrain's own S2STransformerBeamSearcher, no decoder cache).
+# (row name, model, search, int8, encoder): encoder "eager", "torchscript", "onnx" or "uncached"
+# (the eager encoder with SpeechBrain's own S2STransformerBeamSearcher, no decoder cache).
 ROWS = [
     ("dense, joint search, SpeechBrain's searcher", "dense", "joint", False, "uncached"),
     ("dense, joint search", "dense", "joint", False, "eager"),
@@ -41,12 +42,14 @@ ROWS = [
     ("dense int8, joint search", "dense", "joint", True, "eager"),
     ("shrunk int8, joint search", "shrunk", "joint", True, "eager"),
     ("shrunk TorchScript encoder, joint search", "shrunk", "joint", False, "torchscript"),
+    ("shrunk ONNX encoder (onnxruntime), joint search", "shrunk", "joint", False, "onnx"),
     ("dense, rescore search", "dense", "rescore", False, "eager"),
     ("shrunk, rescore search", "shrunk", "rescore", False, "eager"),
     ("dense, greedy CTC", "dense", "greedy", False, "eager"),
     ("shrunk, greedy CTC", "shrunk", "greedy", False, "eager"),
     ("shrunk int8, greedy CTC", "shrunk", "greedy", True, "eager"),
 ]
+EXPORTED = ("torchscript", "onnx")  # batch 1 only
 
 
 def parse_args():
@@ -69,11 +72,11 @@ def parse_args():
 class Row:
     """One way to run a model: its FolderDecoder and what the timing calls."""
 
-    def __init__(self, name, folder, search, int8, encoder, scratch):
+    def __init__(self, name, folder, search, int8, encoder, scratch, threads):
         self.name, self.encoder_kind = name, encoder
         # Rows whose encoders compute the same thing (SpeechBrain's searcher changes only the
         # search) share one encoder timing.
-        self.encoder_key = (folder, int8, encoder == "torchscript")
+        self.encoder_key = (folder, int8, encoder if encoder in EXPORTED else "eager")
         self.decoder = FolderDecoder(folder, batch_size=16, search=search, int8=int8,
                                      output_folder=scratch)
         self.asr = self.decoder.asr
@@ -87,6 +90,14 @@ class Row:
             # Batch 1 only: the trace has no padding mask.
             self.asr.encode_batch = lambda wavs, wav_lens: traced(wavs)[0]
             self.decoder.batch_size = 1
+        if encoder == "onnx":
+            path = Path(scratch) / "encoder.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(self.asr, path, self.asr.hparams.sample_rate)
+            session, fbank = onnx_session(path, threads), self.asr.hparams.compute_features
+            self.asr.encode_batch = lambda wavs, wav_lens: torch.from_numpy(
+                session.run(None, {"filterbanks": fbank(wavs).numpy()})[0])
+            self.decoder.batch_size = 1  # exported at batch 1, as the trace
 
     def encode(self, wavs, lens):
         with torch.no_grad():
@@ -106,7 +117,7 @@ def main():
     signals, wavs, lens, audio = csv_batch(csv_path, args.utterances, spread=True)
     folders = {"dense": args.dense, "shrunk": args.compact}
     chosen = ROWS if not args.rows else [ROWS[int(i) - 1] for i in args.rows.split(",")]
-    rows = [Row(name, folders[model], search, int8, encoder, scratch / f"row{i}")
+    rows = [Row(name, folders[model], search, int8, encoder, scratch / f"row{i}", args.threads)
             for i, (name, model, search, int8, encoder) in enumerate(chosen)]
     ones = torch.ones(1)
 
@@ -123,7 +134,7 @@ def main():
                 continue
             call = getattr(row, stage)
             calls[(key, 1)] = one_by_one(call)
-            if row.encoder_kind != "torchscript":
+            if row.encoder_kind not in EXPORTED:
                 calls[(key, 16)] = lambda call=call: call(wavs, lens)
         repeats = args.encode_repeats if stage == "encode" else args.repeats
         timed[stage] = interleaved_medians(calls, repeats)

@@ -1,6 +1,6 @@
-"""`conformer-prune export`: the encoder of a compact folder as TorchScript, float and int8.
+"""`conformer-prune export`: a compact folder's encoder as TorchScript (float, int8) and ONNX.
 
-The exported module takes a waveform (1, samples) at the folder's sample rate and returns the
+The TorchScript module takes a waveform (1, samples) at the folder's sample rate and returns the
 encoder states (1, frames, d_model) and the CTC head's log-probabilities (1, frames, outputs):
 filterbanks, normalisation, CNN front end and Conformer encoder in one file that runs without
 SpeechBrain or this package (`torch.jit.load`). Greedy CTC decoding is an argmax away; the
@@ -11,11 +11,17 @@ It is a trace at batch 1 without a padding mask (one utterance has no padding), 
 works: the export is checked against the eager model on a signal of another length than the
 one it was traced on, and the largest difference is written to export.json.
 
+The ONNX file (`encoder.onnx`, for onnxruntime and other ONNX runtimes) starts one step later,
+at the filterbanks (1, frames, n_mels) of SpeechBrain's Fbank with the folder's settings
+(`hyperparams.yaml`: `compute_features`): neither of torch's ONNX exporters exports torch.stft
+here. It is checked the same way, in onnxruntime, on another number of frames.
+
 int8: `inference.quantize_int8`, PyTorch's dynamic quantisation of the encoder's Linear layers.
 """
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ import torch
 from conformer_prune.decode import load_inference_folder
 from conformer_prune.errors import InputError
 
-EXPORT_FILES = {"float": "encoder.ts", "int8": "encoder_int8.ts"}
+EXPORT_FILES = {"float": "encoder.ts", "int8": "encoder_int8.ts", "onnx": "encoder.onnx"}
 TRACE_SECONDS, CHECK_SECONDS = 3.0, 4.7
 
 
@@ -58,7 +64,60 @@ def trace_encoder(asr, sample_rate):
     return traced, difference
 
 
-def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3):
+class FilterbankEncoder(torch.nn.Module):
+    """filterbanks (1, frames, n_mels) -> (encoder states, CTC log-probabilities): the ONNX
+    export's module, ExportableEncoder without the filterbank computation."""
+
+    def __init__(self, asr):
+        super().__init__()
+        hparams = asr.hparams
+        self.normalize = hparams.normalize
+        self.cnn = hparams.asr.CNN
+        self.transformer = hparams.asr.Transformer
+        self.ctc_lin = hparams.asr.ctc_lin
+
+    def forward(self, feats):
+        feats = self.normalize(feats, torch.ones(feats.shape[0]))
+        states = self.transformer.encode(self.cnn(feats), None)
+        return states, torch.log_softmax(self.ctc_lin(states), dim=-1)
+
+
+def onnx_session(path, threads=1):
+    """An onnxruntime CPU session of an exported encoder.onnx."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise InputError("ONNX export needs the onnx and onnxruntime packages "
+                         "(recipes/setup.sh installs them; or pass --no-onnx)") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(asr, path, sample_rate):
+    """Writes encoder.onnx; returns the largest |onnxruntime - eager| on another length."""
+    module = FilterbankEncoder(asr).eval()
+    generator = torch.Generator().manual_seed(0)
+    traced_on, check = (
+        asr.hparams.compute_features(0.1 * torch.randn(1, int(s * sample_rate),
+                                                       generator=generator))
+        for s in (TRACE_SECONDS, CHECK_SECONDS))
+    frames = {1: "frames"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter: torch.export's (dynamo=True) took 12 minutes on the
+        # mini model here and wrote a graph that onnxruntime refused to load. Its warnings
+        # (constant folding of Slice, a Squeeze on a fixed dimension) are about static shapes.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (traced_on,), str(path), dynamo=False, opset_version=17,
+                          input_names=["filterbanks"], output_names=["states", "ctc_log_probs"],
+                          dynamic_axes={"filterbanks": frames, "states": frames,
+                                        "ctc_log_probs": frames})
+        eager = module(check)
+    exported = onnx_session(path).run(None, {"filterbanks": check.numpy()})
+    return max(float((torch.from_numpy(a) - b).abs().max()) for a, b in zip(exported, eager))
+
+
+def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3, onnx=True):
     """Writes encoder.ts (and encoder_int8.ts) and export.json into out_dir (default: the
     model folder); returns the export.json content."""
     model_dir = Path(model_dir)
@@ -81,23 +140,37 @@ def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3):
         report["files"][kind] = {"file": path.name, "bytes": path.stat().st_size,
                                  "max_abs_difference_vs_eager": difference,
                                  "seconds": round(time.perf_counter() - started, 2)}
+    if onnx:
+        asr = load_inference_folder(model_dir)
+        started = time.perf_counter()
+        path = out_dir / EXPORT_FILES["onnx"]
+        difference = export_onnx(asr, path, asr.hparams.sample_rate)
+        if difference > tolerance:
+            raise InputError(f"{model_dir}: the ONNX encoder differs from the eager one by "
+                             f"{difference:.3g} (> {tolerance}) on an untraced length")
+        report["files"]["onnx"] = {"file": path.name, "bytes": path.stat().st_size,
+                                   "input": "filterbanks (1, frames, n_mels), float32",
+                                   "max_abs_difference_vs_eager": difference,
+                                   "seconds": round(time.perf_counter() - started, 2)}
     (out_dir / "export.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "export", help="the compact model's encoder as TorchScript (float and int8)",
+        "export", help="the compact model's encoder as TorchScript (float and int8) and ONNX",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a folder written by `conformer-prune shrink`")
     parser.add_argument("--out", help="output folder (default: the model folder)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 variant")
+    parser.add_argument("--no-onnx", action="store_true", help="skip encoder.onnx")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args):
-    report = export_folder(args.model_dir, args.out, int8=not args.no_int8)
+    report = export_folder(args.model_dir, args.out, int8=not args.no_int8,
+                           onnx=not args.no_onnx)
     for kind, entry in report["files"].items():
         print(f"{kind}: {entry['file']} ({entry['bytes']:,} bytes), largest difference from "
               f"the eager model {entry['max_abs_difference_vs_eager']:.2g}")

@@ -103,13 +103,13 @@ def test_detokenize_drops_ids_the_tokenizer_does_not_have(tmp_path):
     assert asr.detokenize([ids + [pieces, pieces + 1]]) == ["THE FOX"]
 
 
-def test_export_writes_torchscript_encoders_that_match_the_eager_model(tmp_path):
+def test_export_writes_torchscript_and_onnx_encoders_that_match_the_eager_model(tmp_path):
     from conformer_prune.cli import main as cli_main
 
     folder = export_tiny(tmp_path)
     assert cli_main(["export", str(folder), "--out", str(tmp_path / "ts")]) == 0
     report = json.loads((tmp_path / "ts" / "export.json").read_text())
-    assert set(report["files"]) == {"float", "int8"}
+    assert set(report["files"]) == {"float", "int8", "onnx"}
     asr = load_compact_asr(folder)
     wav = 0.1 * torch.randn(1, 23456, generator=torch.Generator().manual_seed(4))
     loaded = torch.jit.load(str(tmp_path / "ts" / "encoder.ts"))
@@ -121,6 +121,14 @@ def test_export_writes_torchscript_encoders_that_match_the_eager_model(tmp_path)
     int8 = torch.jit.load(str(tmp_path / "ts" / "encoder_int8.ts"))
     with torch.no_grad():
         assert int8(wav)[0].shape == states.shape
+    # ONNX, from the filterbanks, in onnxruntime: the same states on this untraced length
+    from conformer_prune.export import onnx_session
+    assert report["files"]["onnx"]["max_abs_difference_vs_eager"] < 1e-3
+    feats = asr.hparams.compute_features(wav)
+    session = onnx_session(tmp_path / "ts" / "encoder.onnx")
+    onnx_states, onnx_log_probs = session.run(None, {"filterbanks": feats.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_states), eager, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(onnx_log_probs), log_probs, atol=1e-3)
 
 
 def test_int8_quantises_the_encoders_linear_layers_but_not_its_attention_or_the_decoder(tmp_path):

@@ -31,6 +31,7 @@ from conformer_prune.asr_brain import (
     load_tokenizer,
     train_tokenizer,
 )
+from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
 from conformer_prune.errors import InputError, one_line
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
@@ -53,9 +54,16 @@ def main(argv):
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     torch.set_num_threads(hparams.get("num_threads") or torch.get_num_threads())
+    saved_hparams = Path(hparams["output_folder"]) / "hyperparams.yaml"
+    test_only = run_opts.get("test_only")
+    if not test_only:
+        # Resuming a folder with other settings would mix two runs in one result (more epochs
+        # may be asked for); --test_only may change the decoding settings, which is its use.
+        check_same_hparams(hparams["output_folder"], hparams_file, overrides, FREE_ON_RESUME)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
+        # --test_only keeps the record of how the run was trained (SpeechBrain would rewrite it)
+        hyperparams_to_save=None if test_only and saved_hparams.exists() else hparams_file,
         overrides=overrides,
     )
 

@@ -10,14 +10,22 @@ Two things SpeechBrain 1.1's Checkpointer does not do, and a run on a shared clu
   is not a checkpoint, and the next start removes it and says so.
 * **The random state is saved**: the torch generators (SpeechBrain's SaveableGenerator), so that
   dropout and the gates' Gumbel noise after a resume are those of the run that was not killed.
+
+And one thing SpeechBrain does not check at all: that a run folder is resumed (or skipped as done)
+with the hyperparameters it was started with. `changed_hparams` compares the folder's saved
+`hyperparams.yaml` with what the YAML and overrides resolve to now; train.py refuses to resume
+on a difference, and `conformer-prune check-run` lets a recipe ask the same of a finished run.
 """
 
+import argparse
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
+import ruamel.yaml
+from hyperpyyaml import resolve_references
 from speechbrain.utils.checkpoints import METAFNAME, Checkpointer
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.repro import SaveableGenerator
@@ -113,3 +121,84 @@ def _fsync_folder_files(folder):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+# Keys that do not make another run: where the data lies, how many threads read it, and the
+# run's name and folder (a run folder copied under another name is still that run).
+FREE_KEYS = ("data_folder", "num_threads", "experiment_name", "output_folder")
+# train.py may also resume a run with more epochs: continuing a finished run is what that is for.
+FREE_ON_RESUME = (*FREE_KEYS, "number_of_epochs")
+
+
+def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
+    """Top-level keys whose resolved values differ from the run folder's saved hyperparams.yaml.
+
+    Empty when they agree or when the folder has no saved file yet (a new run). Comments do not
+    count, nor do the `free` keys: they take their saved values before the YAML is resolved,
+    since other keys refer to them (epoch_counter's limit is `!ref <number_of_epochs>`). Nor do
+    keys the saved file lacks: a YAML that gained a key (declared with the behaviour the code
+    had without it, such as `augment_from_epoch: 1`) still describes its earlier runs.
+    """
+    saved = Path(output_folder) / "hyperparams.yaml"
+    if not saved.is_file():
+        return []
+    before = _values_by_key(saved.read_text(encoding="utf-8"))
+    reader = ruamel.yaml.YAML()  # as hyperpyyaml reads overrides, tags and all
+    pinned = reader.load(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    pinned = pinned or {}
+    for key in free:
+        if key in before:
+            pinned[key] = reader.load("\n".join(before[key]))[key]
+    with open(hparams_file, encoding="utf-8") as fin:
+        after = _values_by_key(resolve_references(fin, pinned).getvalue())
+    return [key for key in sorted(before)
+            if before[key] != after.get(key) and key not in free]
+
+
+def _values_by_key(yaml_text):
+    """{top-level key: its lines}, with whole-line comments and blank lines left out."""
+    # Text, not a parse: loading the YAML would build the model and every object it declares.
+    values, key = {}, None
+    for line in yaml_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace() and ":" in line:
+            key = line.split(":", 1)[0].strip()
+        values.setdefault(key, []).append(line.rstrip())
+    return values
+
+
+def check_same_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
+    """Raises InputError when the run folder was started with other hyperparameters."""
+    changed = changed_hparams(output_folder, hparams_file, overrides, free)
+    if changed:
+        raise InputError(
+            f"{output_folder}: this run was started with other hyperparameters than "
+            f"{hparams_file} and the overrides give now (changed: {', '.join(changed)}; compare "
+            f"with {Path(output_folder) / 'hyperparams.yaml'}). Give the new settings their own "
+            "--experiment_name or --output_folder, or remove the folder to start over")
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "check-run",
+        help="check that a run folder was made by this YAML and these overrides",
+        description="Exits 0 when RUN's saved hyperparams.yaml is what YAML with the overrides "
+                    "(train.py's own --key value arguments) resolves to; otherwise names the "
+                    "keys that changed and exits 1. Recipes ask this before they skip a "
+                    "finished run.",
+    )
+    parser.add_argument("run", help="the run folder, results/<name>/<seed>")
+    parser.add_argument("yaml", help="the training YAML")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
+                        help="train.py's overrides, as given to it")
+    parser.set_defaults(func=run_check)
+    return parser
+
+
+def run_check(args):
+    import speechbrain as sb  # only here: parse_arguments is train.py's own parser
+    _, _, overrides = sb.parse_arguments([args.yaml, *args.overrides])
+    check_same_hparams(args.run, args.yaml, overrides)
+    print(f"{args.run}: same hyperparameters as {args.yaml} with the overrides")
+    return 0

@@ -9,7 +9,8 @@ import sys
 
 from conformer_prune.errors import InputError, one_line
 
-SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "export", "report", "delta")
+SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "export", "report", "delta",
+                      "checkpoints")
 
 
 def build_parser():

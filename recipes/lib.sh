@@ -5,17 +5,31 @@
 started=${started:-$(date +%s)}
 stage() { echo "=== [$(( $(date +%s) - started ))s] $*"; }
 
+# is_done RUN YAML [OVERRIDE...]: true when RUN has its results.json; fails the recipe when that
+# finished run was made with other settings than YAML and these overrides (conformer-prune
+# check-run names the keys): a stale result must not be reused as this one.
+is_done() {
+    local run=$1
+    shift
+    [ -f "$run/results.json" ] || return 1
+    if ! conformer-prune check-run "$run" "$@" 2> >(grep -v quirks >&2) > /dev/null; then
+        echo "FAILED: $run is finished but was trained with other settings (above)"
+        exit 1
+    fi
+}
+
 # train_side_by_side YAML...: trains each YAML (one core each: num_threads 1 in the mini YAMLs,
 # which on a 2-core machine beats one after the other with two threads each), logging to
-# results/<experiment>.log. A run whose results.json exists is done and skipped; one that was
-# killed resumes from its last checkpoint.
+# results/<experiment>.log. A run whose results.json exists is done and skipped (unless its
+# settings changed since: then the recipe stops); one that was killed resumes from its last
+# checkpoint.
 train_side_by_side() {
     local pids=() logs=() yaml name run
     mkdir -p results
     for yaml in "$@"; do
         name=$(sed -n 's/^experiment_name: *//p' "$yaml")
         run=results/$name/$SEED
-        if [ -f "$run/results.json" ]; then
+        if is_done "$run" "$yaml" --data_folder "$CORPUS" --seed "$SEED"; then
             echo "$run: done (results.json), skipped"
             continue
         fi
@@ -54,20 +68,27 @@ train_each() {
 # train_queue "SEED YAML NAME [OVERRIDE...]"...: trains each spec as results/NAME/SEED
 # (train.py's --seed SEED --experiment_name NAME plus the overrides; words split on spaces),
 # JOBS at a time (default 2, one core each), in the order given. Finished runs (results.json)
-# are skipped, killed ones resume. Fails if any run did not finish, showing the end of its log
+# are skipped, killed ones resume; a finished run with other settings stops the recipe before
+# anything trains. Fails if any run did not finish, showing the end of its log
 # (results/NAME_SEED.log).
 train_queue() {
     local jobs=${JOBS:-2} spec run log failed=0
-    local -a words
+    local -a words todo=()
     mkdir -p results
     for spec in "$@"; do
         read -r -a words <<< "$spec"
         run=results/${words[2]}/${words[0]}
-        log=results/${words[2]}_${words[0]}.log
-        if [ -f "$run/results.json" ]; then
+        if is_done "$run" "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
+                --experiment_name "${words[2]}" "${words[@]:3}"; then
             echo "$run: done (results.json), skipped"
-            continue
+        else
+            todo+=("$spec")
         fi
+    done
+    for spec in "${todo[@]}"; do
+        read -r -a words <<< "$spec"
+        run=results/${words[2]}/${words[0]}
+        log=results/${words[2]}_${words[0]}.log
         while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
         echo "training ${words[1]} -> $run (log: $log)"
         python train.py "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \

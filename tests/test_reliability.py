@@ -272,15 +272,54 @@ def _train_fails(yaml, corpus, run_dir, *overrides, **arch):
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_resuming_with_another_architecture_or_method_is_one_clear_error(dense_run, corpus):
+def test_resuming_with_other_settings_is_one_clear_error_naming_the_keys(dense_run, corpus):
     before = sorted(path.name for path in (dense_run / "save").iterdir())
+    saved = (dense_run / "hyperparams.yaml").read_text()
     wider = _train_fails(DENSE, corpus, dense_run, arch=_tiny_arch(d_ffn=96))
+    assert wider.startswith(f"error: {dense_run}: this run was started with other hyperparam")
+    assert "(changed: arch;" in wider  # more epochs (2 here, 1 before) may be asked for
+    gated = _train_fails(GATED, corpus, dense_run)
+    assert "(changed: " in gated and "method" in gated
+    # Nothing lost: the checkpoints and the run's saved settings are all still there.
+    assert sorted(path.name for path in (dense_run / "save").iterdir()) == before
+    assert (dense_run / "hyperparams.yaml").read_text() == saved
+
+
+def test_a_checkpoint_of_another_architecture_or_method_is_one_clear_error(dense_run, corpus):
+    # --test_only may change settings, so the checkpoint itself is what has to refuse.
+    before = sorted(path.name for path in (dense_run / "save").iterdir())
+    saved = (dense_run / "hyperparams.yaml").read_text()
+    wider = _train_fails(DENSE, corpus, dense_run, "--test_only", arch=_tiny_arch(d_ffn=96))
     assert wider.startswith(f"error: {dense_run / 'save'}/CKPT+")
     assert "does not fit the run's model or method" in wider and "size mismatch" in wider
-    gated = _train_fails(GATED, corpus, dense_run)
+    gated = _train_fails(GATED, corpus, dense_run, "--test_only")
     assert "does not fit the run's model or method" in gated and "gate.logits" in gated
-    # Nothing lost: the checkpoints are all still there.
     assert sorted(path.name for path in (dense_run / "save").iterdir()) == before
+    # and the record of how the run was trained is not rewritten by a test
+    assert (dense_run / "hyperparams.yaml").read_text() == saved
+
+
+def test_check_run_tells_a_finished_run_made_by_other_settings(dense_run, corpus):
+    # What the recipes ask before they skip a finished run (recipes/lib.sh, is_done).
+    def check(*overrides):
+        replaced = {override.split("=")[0] for override in overrides}
+        arguments = [argument for argument in tiny_arguments(DENSE, corpus, dense_run, 1)[2:]
+                     if argument.split("=")[0] not in replaced]
+        return subprocess.run(
+            [sys.executable, "-m", "conformer_prune.cli", "check-run", str(dense_run), DENSE,
+             *arguments, *overrides],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    same = check()
+    assert same.returncode == 0, same.stderr[-2000:]
+    moved = check(f"--data_folder={corpus}/.")  # where the data lies is not a setting
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    other = check("--lr=0.01", "--number_of_epochs=3")
+    assert other.returncode == 1
+    changed = other.stderr.strip().splitlines()[-1].split("(changed: ")[1].split(";")[0]
+    # the keys given, and those that refer to them (the optimiser's lr, the counter's limit)
+    assert {"lr", "number_of_epochs", "epoch_counter"} <= set(changed.split(", "))
+    assert "data_folder" not in changed and "seed" not in changed
 
 
 def _tiny_arch(**changes):
@@ -363,3 +402,25 @@ def test_an_input_error_from_a_dataloader_worker_prints_as_one_line():
                         "InputError: /data/1-2-0000.flac: cannot read audio (bad)")
     assert one_line(worker) == "/data/1-2-0000.flac: cannot read audio (bad)"
     assert one_line(InputError("plain")) == "plain"
+
+
+def test_changed_hparams_pins_the_free_keys_and_ignores_keys_the_run_did_not_have(tmp_path):
+    from hyperpyyaml import resolve_references
+
+    from conformer_prune.checkpoints import FREE_ON_RESUME, changed_hparams
+
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("number_of_epochs: 2\ndata_folder: a\nlimit: !ref <number_of_epochs>\n"
+                    "lr: 0.1  # a comment\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(yaml, encoding="utf-8") as fin:
+        resolved = resolve_references(fin, {}).getvalue()
+    (run / "hyperparams.yaml").write_text("# Generated ...\n" + resolved)
+    assert changed_hparams(run, yaml, "data_folder: b") == []
+    assert changed_hparams(run, yaml, "number_of_epochs: 4") == ["limit", "number_of_epochs"]
+    assert changed_hparams(run, yaml, "number_of_epochs: 4", FREE_ON_RESUME) == []
+    yaml.write_text(yaml.read_text() + "added_later: 1\n")
+    assert changed_hparams(run, yaml, "") == []
+    assert changed_hparams(run, yaml, "lr: 0.2") == ["lr"]
+    assert changed_hparams(tmp_path / "new_run", yaml, "lr: 0.2") == []

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import ruamel.yaml
 from hyperpyyaml import resolve_references
+from speechbrain import parse_arguments
 from speechbrain.utils.checkpoints import METAFNAME, Checkpointer
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.repro import SaveableGenerator
@@ -144,8 +145,7 @@ def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
         return []
     before = _values_by_key(saved.read_text(encoding="utf-8"))
     reader = ruamel.yaml.YAML()  # as hyperpyyaml reads overrides, tags and all
-    pinned = reader.load(overrides) if isinstance(overrides, str) else dict(overrides or {})
-    pinned = pinned or {}
+    pinned = (reader.load(overrides) if isinstance(overrides, str) else overrides) or {}
     for key in free:
         if key in before:
             pinned[key] = reader.load("\n".join(before[key]))[key]
@@ -197,8 +197,7 @@ def add_parser(subparsers):
 
 
 def run_check(args):
-    import speechbrain as sb  # only here: parse_arguments is train.py's own parser
-    _, _, overrides = sb.parse_arguments([args.yaml, *args.overrides])
+    _, _, overrides = parse_arguments([args.yaml, *args.overrides])  # train.py's own parser
     check_same_hparams(args.run, args.yaml, overrides)
     print(f"{args.run}: same hyperparameters as {args.yaml} with the overrides")
     return 0

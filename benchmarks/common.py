@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from speechbrain.dataio.dataio import read_audio
 from speechbrain.utils.data_utils import batch_pad_right
 
@@ -63,3 +64,12 @@ def csv_batch(csv_path, count, spread=False):
     signals = [read_audio(row["wav"]) for row in rows]
     wavs, lens = batch_pad_right(signals)
     return signals, wavs, lens, sum(len(s) for s in signals) / 16000
+
+
+def flops(function, *args):
+    """FLOPs of one call, by torch's FlopCounterMode (it tracks modules through autograd hooks:
+    call it outside no_grad)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function(*args)
+    return counter.get_total_flops()

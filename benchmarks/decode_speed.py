@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from speechbrain.decoders import S2STransformerBeamSearcher
 
-from common import csv_batch, interleaved_medians, machine, write_report
+from common import csv_batch, flops, interleaved_medians, machine, write_report
 from conformer_prune.decode import FolderDecoder
 from conformer_prune.export import export_onnx, onnx_session, trace_encoder
 from conformer_prune.model import count_params, load_weights
@@ -142,6 +142,16 @@ def main():
         timed[stage] = interleaved_medians(calls, repeats)
         print(f"timed {stage}", file=sys.stderr)
 
+    # The encoders' FLOPs at batch 1 (the eager model of each row's folder; an exported
+    # encoder computes the same), so that a speed-up can be read against its FLOP reduction.
+    encoder_gflops = {}
+    for (_, model, _, _, _), row in zip(chosen, rows):
+        if model not in encoder_gflops:
+            encode = row.asr.mods.encoder  # what encode_batch runs, before any export
+            encoder_gflops[model] = round(sum(
+                flops(lambda s=signal: encode(s.unsqueeze(0), ones)) for signal in signals)
+                / 1e9, 2)
+
     report = {"split": args.split, "timing_utterances": len(signals),
               "timing_audio_seconds": round(audio, 2), "threads": args.threads,
               "machine": machine(), "rows": []}
@@ -151,7 +161,8 @@ def main():
         params = count_params(load_weights(Path(folders[model]) / "model.ckpt"))
         entry = {"row": name, "model": model, "search": search, "int8": int8,
                  "encoder": encoder, "encoder_params": params["encoder"],
-                 "total_params": params["total"], "wer": round(scores["wer"], 2),
+                 "total_params": params["total"], "encoder_gflops_batch1": encoder_gflops[model],
+                 "wer": round(scores["wer"], 2),
                  "ctc_greedy_wer": round(scores["ctc_greedy_wer"], 2)}
         for stage in ("decode", "encode"):
             for batch in (1, 16):
@@ -195,9 +206,10 @@ def markdown(report):
              f"torch {m['torch']}; timing: {report['timing_utterances']} {report['split']} "
              f"utterances ({report['timing_audio_seconds']} s of audio); WER: all of "
              f"{report['split']}. RTF = compute seconds per audio second.", "",
-             "| row | encoder params | WER | decode RTF b1 | decode RTF b16 | encoder RTF b1 "
-             "| encoder RTF b16 | decode speed-up b1 / b16 | encoder speed-up b1 / b16 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| row | encoder params | encoder GFLOPs b1 | WER | decode RTF b1 | decode RTF b16 "
+             "| encoder RTF b1 | encoder RTF b16 | decode speed-up b1 / b16 "
+             "| encoder speed-up b1 / b16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def cell(value):
         return "-" if value is None else f"{value:.4f}"
@@ -209,13 +221,15 @@ def markdown(report):
                           for key in (f"speedup_{stage}_batch1", f"speedup_{stage}_batch16"))
 
     for row in report["rows"]:
-        lines.append(f"| {row['row']} | {row['encoder_params']:,} | {row['wer']:.2f} | "
+        lines.append(f"| {row['row']} | {row['encoder_params']:,} | "
+                     f"{row.get('encoder_gflops_batch1', '-')} | {row['wer']:.2f} | "
                      f"{cell(row['decode_rtf_batch1'])} | {cell(row['decode_rtf_batch16'])} | "
                      f"{cell(row['encode_rtf_batch1'])} | {cell(row['encode_rtf_batch16'])} | "
                      f"{speedups(row, 'decode')} | {speedups(row, 'encode')} |")
     lines.append("")
     lines.append("Speed-ups: the dense row with the same search and encoder (eager, TorchScript, "
-                 "ONNX; int8 or not) over the shrunk row.")
+                 "ONNX; int8 or not) over the shrunk row. GFLOPs: the eager encoder's, by torch's "
+                 "FlopCounterMode, over the timing utterances one at a time.")
     return "\n".join(lines) + "\n"
 
 

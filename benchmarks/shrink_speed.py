@@ -25,9 +25,8 @@ from speechbrain.decoders import S2STransformerBeamSearcher
 from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import csv_batch, interleaved_medians, machine, write_report
+from common import csv_batch, flops, interleaved_medians, machine, write_report
 from conformer_prune.decode import load_inference_folder
 from conformer_prune.model import count_params, param_state
 from conformer_prune.prepare import prepare_librispeech
@@ -95,13 +94,6 @@ def full_decoder(asr, normalize, features, search):
         return search(encoder(asr, normalize(features(wavs), lens))(lens), lens)
 
     return decode
-
-
-def flops(function, *args):
-    counter = FlopCounterMode(display=False)
-    with counter:
-        function(*args)
-    return counter.get_total_flops()
 
 
 def main():

@@ -33,40 +33,9 @@ EXPORT_FILES = {"float": "encoder.ts", "int8": "encoder_int8.ts", "onnx": "encod
 TRACE_SECONDS, CHECK_SECONDS = 3.0, 4.7
 
 
-class ExportableEncoder(torch.nn.Module):
-    """waveform (1, samples) -> (encoder states, CTC log-probabilities) of a CompactASR."""
-
-    def __init__(self, asr):
-        super().__init__()
-        hparams = asr.hparams
-        self.compute_features = hparams.compute_features
-        self.normalize = hparams.normalize
-        self.cnn = hparams.asr.CNN
-        self.transformer = hparams.asr.Transformer
-        self.ctc_lin = hparams.asr.ctc_lin
-
-    def forward(self, wav):
-        feats = self.normalize(self.compute_features(wav), torch.ones(wav.shape[0]))
-        states = self.transformer.encode(self.cnn(feats), None)
-        return states, torch.log_softmax(self.ctc_lin(states), dim=-1)
-
-
-def trace_encoder(asr, sample_rate):
-    """(traced module, largest |traced - eager| on a signal of another length)."""
-    module = ExportableEncoder(asr).eval()
-    generator = torch.Generator().manual_seed(0)
-    traced_on = 0.1 * torch.randn(1, int(TRACE_SECONDS * sample_rate), generator=generator)
-    check = 0.1 * torch.randn(1, int(CHECK_SECONDS * sample_rate), generator=generator)
-    with torch.no_grad():
-        traced = torch.jit.trace(module, (traced_on,), check_trace=False)
-        eager_out, traced_out = module(check), traced(check)
-    difference = max(float((a - b).abs().max()) for a, b in zip(eager_out, traced_out))
-    return traced, difference
-
-
 class FilterbankEncoder(torch.nn.Module):
-    """filterbanks (1, frames, n_mels) -> (encoder states, CTC log-probabilities): the ONNX
-    export's module, ExportableEncoder without the filterbank computation."""
+    """filterbanks (1, frames, n_mels) -> (encoder states, CTC log-probabilities) of a
+    CompactASR: the ONNX export's module, and ExportableEncoder after its filterbanks."""
 
     def __init__(self, asr):
         super().__init__()
@@ -80,6 +49,38 @@ class FilterbankEncoder(torch.nn.Module):
         feats = self.normalize(feats, torch.ones(feats.shape[0]))
         states = self.transformer.encode(self.cnn(feats), None)
         return states, torch.log_softmax(self.ctc_lin(states), dim=-1)
+
+
+class ExportableEncoder(torch.nn.Module):
+    """waveform (1, samples) -> (encoder states, CTC log-probabilities) of a CompactASR."""
+
+    def __init__(self, asr):
+        super().__init__()
+        self.compute_features = asr.hparams.compute_features
+        self.from_filterbanks = FilterbankEncoder(asr)
+
+    def forward(self, wav):
+        return self.from_filterbanks(self.compute_features(wav))
+
+
+def _probe_signals(sample_rate):
+    """(signal to export on, signal of another length to check on): the same every export."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(0.1 * torch.randn(1, int(seconds * sample_rate), generator=generator)
+                 for seconds in (TRACE_SECONDS, CHECK_SECONDS))
+
+
+def _largest_difference(outputs, reference):
+    return max(float((torch.as_tensor(a) - b).abs().max()) for a, b in zip(outputs, reference))
+
+
+def trace_encoder(asr, sample_rate):
+    """(traced module, largest |traced - eager| on a signal of another length)."""
+    module = ExportableEncoder(asr).eval()
+    traced_on, check = _probe_signals(sample_rate)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (traced_on,), check_trace=False)
+        return traced, _largest_difference(traced(check), module(check))
 
 
 def onnx_session(path, threads=1):
@@ -97,11 +98,8 @@ def onnx_session(path, threads=1):
 def export_onnx(asr, path, sample_rate):
     """Writes encoder.onnx; returns the largest |onnxruntime - eager| on another length."""
     module = FilterbankEncoder(asr).eval()
-    generator = torch.Generator().manual_seed(0)
-    traced_on, check = (
-        asr.hparams.compute_features(0.1 * torch.randn(1, int(s * sample_rate),
-                                                       generator=generator))
-        for s in (TRACE_SECONDS, CHECK_SECONDS))
+    traced_on, check = (asr.hparams.compute_features(signal)
+                        for signal in _probe_signals(sample_rate))
     frames = {1: "frames"}
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter: torch.export's (dynamo=True) took 12 minutes on the
@@ -113,8 +111,8 @@ def export_onnx(asr, path, sample_rate):
                           dynamic_axes={"filterbanks": frames, "states": frames,
                                         "ctc_log_probs": frames})
         eager = module(check)
-    exported = onnx_session(path).run(None, {"filterbanks": check.numpy()})
-    return max(float((torch.from_numpy(a) - b).abs().max()) for a, b in zip(exported, eager))
+    return _largest_difference(onnx_session(path).run(None, {"filterbanks": check.numpy()}),
+                               eager)
 
 
 def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3, onnx=True):
@@ -130,6 +128,8 @@ def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3, onnx=True)
               "torch": torch.__version__, "files": {}}
     for kind in kinds:
         asr = load_inference_folder(model_dir, int8=kind == "int8")
+        if kind == "float":
+            float_asr = asr  # the ONNX export below is of the same float model
         started = time.perf_counter()
         traced, difference = trace_encoder(asr, asr.hparams.sample_rate)
         if difference > tolerance:
@@ -141,10 +141,9 @@ def export_folder(model_dir, out_dir=None, int8=True, tolerance=1e-3, onnx=True)
                                  "max_abs_difference_vs_eager": difference,
                                  "seconds": round(time.perf_counter() - started, 2)}
     if onnx:
-        asr = load_inference_folder(model_dir)
         started = time.perf_counter()
         path = out_dir / EXPORT_FILES["onnx"]
-        difference = export_onnx(asr, path, asr.hparams.sample_rate)
+        difference = export_onnx(float_asr, path, float_asr.hparams.sample_rate)
         if difference > tolerance:
             raise InputError(f"{model_dir}: the ONNX encoder differs from the eager one by "
                              f"{difference:.3g} (> {tolerance}) on an untraced length")

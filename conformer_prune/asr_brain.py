@@ -615,6 +615,8 @@ def evaluate_splits(brain, test_datasets, hparams):
         "searcher": "ctc_attention_beam",
         "beam_size": hparams["test_beam_size"],
         "ctc_weight": hparams["ctc_weight_decode"],
+        "lm_weight": hparams.get("lm_weight") or 0.0,
+        "lm_folder": hparams.get("lm_folder") if hparams.get("lm_weight") else None,
         "wall_seconds": wall,
         "audio_seconds": audio,
         "rtf": wall / max(audio, 1e-9),

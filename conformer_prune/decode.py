@@ -34,7 +34,8 @@ SEARCHER_NAMES = {"joint": "ctc_attention_beam", "rescore": "ctc_prefix_beam_att
                   "greedy": "ctc_greedy"}
 
 
-def load_inference_folder(model_dir, search="joint", device="cpu", overrides=None, int8=False):
+def load_inference_folder(model_dir, search="joint", device="cpu", overrides=None, int8=False,
+                          lm_weight=None, lm_folder=None):
     """CompactASR of a compact folder, a missing file named before SpeechBrain trips on it."""
     model_dir = Path(model_dir).resolve()
     hparams_file = model_dir / "hyperparams.yaml"
@@ -44,7 +45,7 @@ def load_inference_folder(model_dir, search="joint", device="cpu", overrides=Non
         )
     _require_files(model_dir, INFERENCE_FILES)
     return load_compact_asr(model_dir, search=search, device=device, overrides=overrides,
-                            int8=int8)
+                            int8=int8, lm_weight=lm_weight, lm_folder=lm_folder)
 
 
 class FolderDecoder:
@@ -57,15 +58,18 @@ class FolderDecoder:
     """
 
     def __init__(self, model_dir, batch_size=16, threads=None, overrides=None,
-                 output_folder=None, search="joint", device="cpu", int8=False):
+                 output_folder=None, search="joint", device="cpu", int8=False, lm_weight=None,
+                 lm_folder=None):
         self.model_dir = Path(model_dir).resolve()
         if threads:
             torch.set_num_threads(threads)
         # SpeechBrain's decoder passes a bool padding mask with a float causal mask to torch's
         # attention, which warns on every batch: one line per batch of a long sweep's log.
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-        self.asr = load_inference_folder(self.model_dir, search, device, overrides, int8)
+        self.asr = load_inference_folder(self.model_dir, search, device, overrides, int8,
+                                         lm_weight, lm_folder)
         self.int8 = int8
+        self.lm_folder = lm_folder
         self.variant = f"{search}_int8" if int8 else search
         self.batch_size = batch_size
         self.output_folder = Path(output_folder or self.model_dir)
@@ -101,6 +105,8 @@ class FolderDecoder:
             "int8": self.int8,
             "beam_size": self.asr.hparams.beam_size,
             "ctc_weight": self.asr.hparams.ctc_weight,
+            "lm_weight": self.asr.lm_weight,
+            "lm_folder": str(self.lm_folder or self.model_dir) if self.asr.lm_weight else None,
             "wall_seconds": wall,
             "audio_seconds": audio,
             "rtf": wall / max(audio, 1e-9),
@@ -134,11 +140,12 @@ class FolderDecoder:
 
 
 def decode_folder(model_dir, data_folder, splits=DEFAULT_SPLITS, batch_size=16, threads=None,
-                  overrides=None, search="joint", device="cpu", int8=False):
+                  overrides=None, search="joint", device="cpu", int8=False, lm_weight=None,
+                  lm_folder=None):
     """Decodes `splits` of a LibriSpeech-layout folder; writes wer_<split>.txt and results.json
     (results_<search>[_int8].json for another search than the run's joint one, or int8)."""
     decoder = FolderDecoder(model_dir, batch_size, threads, overrides, search=search,
-                            device=device, int8=int8)
+                            device=device, int8=int8, lm_weight=lm_weight, lm_folder=lm_folder)
     splits_result, decode = decoder.score(decoder.datasets(data_folder, splits))
     model_dir = decoder.model_dir
     results = {
@@ -192,6 +199,12 @@ def add_parser(subparsers):
                         help="override the run's beam size (stored in the folder)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="override the run's CTC weight of joint and rescore search")
+    parser.add_argument("--lm-weight", type=float, default=None,
+                        help="override the folder's LM weight in joint search (0: no LM; "
+                        "above 0 needs the folder's lm.ckpt, which shrink copies from the run)")
+    parser.add_argument("--lm-folder", default=None,
+                        help="decode with this LM folder (train_lm.py's) instead of the folder's "
+                        "own; needs --lm-weight when the folder has none")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--int8", action="store_true",
                         help="quantise the encoder's and CTC head's Linear layers to int8 first "
@@ -207,7 +220,7 @@ def run(args):
                  if value is not None}
     results = decode_folder(args.model_dir, args.data_folder, args.splits.split(","),
                             args.batch_size, args.threads, overrides, args.search, args.device,
-                            args.int8)
+                            args.int8, args.lm_weight, args.lm_folder)
     for split, scores in results["splits"].items():
         print(f"{split}: WER {scores['wer']:.2f}%  CER {scores['cer']:.2f}%  "
               f"RTF {scores['rtf']:.3f} ({args.search} search)")

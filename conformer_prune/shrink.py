@@ -43,6 +43,7 @@ from conformer_prune.model import (
     load_weights,
     param_state,
 )
+from conformer_prune.lm import LM_INFO, LM_WEIGHTS, check_lm_folder, check_lm_tokens
 from conformer_prune.sites import MODULE_PATHS, check_keep, encoder_layers, module_keep
 
 # -------------------------------------------------------------------------- compact modules
@@ -590,6 +591,7 @@ DECODE_DEFAULTS = {
     "ctc_weight": 0.4,
     "min_decode_ratio": 0.0,
     "max_decode_ratio": 1.0,
+    "lm_weight": 0.0,
 }
 
 # EncoderDecoderASR needs modules `encoder` (waveform -> encoder states) and `decoder` (the
@@ -610,6 +612,7 @@ eos_index: {eos_index}
 blank_index: {blank_index}
 beam_size: {beam_size}
 ctc_weight: {ctc_weight}
+lm_weight: {lm_weight}  # > 0: the LM of lm.ckpt/lm.json fused in the search (conformer_prune/lm.py)
 
 arch: {arch}
 widths: {widths}
@@ -670,22 +673,30 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
 
 
 def export_inference_folder(
-    out_dir, modules, arch, widths, tokenizer_path, normalizer, decode_opts=None
+    out_dir, modules, arch, widths, tokenizer_path, normalizer, decode_opts=None, lm_folder=None
 ):
     """Writes a folder that EncoderDecoderASR.from_hparams loads offline.
 
     Files: arch.json and model.ckpt (as save_compact), tokenizer.ckpt (the SentencePiece model),
     normalizer.ckpt (`normalizer`: a saved InputNormalization checkpoint file, or the
     InputNormalization itself), hyperparams.yaml. `decode_opts` overrides DECODE_DEFAULTS.
+    With an `lm_weight` > 0 in them, the LM files of `lm_folder` (train_lm.py's) are copied in
+    too (lm.ckpt, lm.json; its tokenizer is the model's, as load_lm checks).
     """
     out_dir = Path(out_dir)
+    opts = {**DECODE_DEFAULTS, **(decode_opts or {})}
+    if opts["lm_weight"] > 0:
+        lm_folder = check_lm_folder(lm_folder or "(no lm_folder)")
+        check_lm_tokens(lm_folder, tokenizer_path)
     save_compact(out_dir, modules, arch, widths)
+    if opts["lm_weight"] > 0:
+        for name in (LM_WEIGHTS, LM_INFO):
+            shutil.copyfile(lm_folder / name, out_dir / name)
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.ckpt")
     if isinstance(normalizer, (str, Path)):
         shutil.copyfile(normalizer, out_dir / "normalizer.ckpt")
     else:
         normalizer._save(out_dir / "normalizer.ckpt")
-    opts = {**DECODE_DEFAULTS, **(decode_opts or {})}
     text = INFERENCE_YAML.format(
         n_mels=arch.get("n_mels", _N_MELS_DEFAULT),
         arch=json.dumps(arch),
@@ -802,6 +813,7 @@ def decode_opts_from(hparams):
         "beam_size": "test_beam_size",
         "ctc_weight": "ctc_weight_decode",
         "max_decode_ratio": "max_decode_ratio",
+        "lm_weight": "lm_weight",
     }
     return {opt: hparams[key] for opt, key in names.items() if hparams.get(key) is not None}
 
@@ -829,6 +841,7 @@ def shrink_run(path, out_dir, threshold=None):
             run["tokenizer"],
             run["normalizer"],
             decode_opts_from(run["hparams"]),
+            run["hparams"].get("lm_folder"),
         )
     else:
         print(f"note: no tokenizer or normalizer in {run['run_dir']}: compact model only")

@@ -39,6 +39,8 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 # Program listings, shell jokes and ASCII pictures: not sentences anyone would read aloud.
 SKIPPED_FORTUNE_FILES = {"ascii-art", "translate-me", "perl", "linux", "linuxcookie",
                          "debian", "computers"}
+# Beside LibriSpeech/, as a LibriSpeech user puts the LM corpus (openslr.org/11) there
+LM_TEXT_FILE = "librispeech-lm-norm.txt"
 DEFAULT_VOCAB_SIZE = 400  # a closed vocabulary that 1.5 h of speech covers many times over
 MIN_WORDS, MAX_WORDS = 3, 15
 # A sentence ending in one of these was cut at the abbreviation's full stop, not at its end.
@@ -150,15 +152,21 @@ def select_sentences(sentences, vocab_size, min_words=MIN_WORDS, max_words=MAX_W
     return kept, vocab
 
 
-def load_text(vocab_size, fortune_dir=FORTUNE_DIR):
-    """The sentence pool and a description of where it came from (for CORPUS.json)."""
-    files = fortune_files(fortune_dir)
+def normalised_sentences(fortune_dir=FORTUNE_DIR):
+    """Every sentence of the fortune files that normalise() keeps, in file order."""
     normalised = []
-    for path in files:
+    for path in fortune_files(fortune_dir):
         for raw in split_sentences(path.read_text(encoding="utf-8", errors="replace")):
             sentence = normalise(raw.strip())
             if sentence:
                 normalised.append(sentence)
+    return normalised
+
+
+def load_text(vocab_size, fortune_dir=FORTUNE_DIR):
+    """The sentence pool and a description of where it came from (for CORPUS.json)."""
+    files = fortune_files(fortune_dir)
+    normalised = normalised_sentences(fortune_dir)
     kept, _ = select_sentences(normalised, vocab_size)
     if not kept:
         raise CorpusError(f"no usable sentences in {fortune_dir}: is the 'fortunes' package "
@@ -527,6 +535,24 @@ def write_transcripts(jobs):
         path.write_text("\n".join(sorted(lines)) + "\n")
 
 
+def write_lm_text(path, jobs, fortune_dir=FORTUNE_DIR):
+    """The language-model text of the corpus, LibriSpeech's librispeech-lm-norm.txt in kind:
+    every distinct normalised fortune sentence (any vocabulary, any length) except the
+    transcripts of the evaluation splits, one per line, sorted. Train transcripts stay in (the
+    LM recipe reads them anyway); no dev or test sentence can reach the LM. Written only when
+    its text changes; returns {"file", "sentences", "excluded_eval_sentences"}."""
+    held_out = {job["transcript"] for job in jobs if job["split"] != TRAIN_SPLIT}
+    sentences = sorted(set(normalised_sentences(fortune_dir)) - held_out)
+    text = "\n".join(sentences) + "\n"
+    path = Path(path)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return {"file": path.name, "sentences": len(sentences),
+            "excluded_eval_sentences": len(held_out)}
+
+
 def write_json(path, data):
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -646,6 +672,7 @@ def build_corpus(out_dir, hours, seed=1234, eval_hours=None, workers=2, progress
     write_json(root / "CORPUS.json", corpus)
     write_json(root / "SPEAKERS.json", {str(k): used[k] for k in sorted(used)})
     write_transcripts(jobs)
+    corpus["text"]["lm_text"] = write_lm_text(Path(out_dir) / LM_TEXT_FILE, jobs)
 
     pending = [job for job in jobs if not is_valid_flac(job["path"])]
     run_jobs(pending, workers, progress)

@@ -29,6 +29,9 @@ source recipes/lib.sh
 stage "corpus: 1.5 h of synthesised speech in $CORPUS"
 conformer-prune synth-corpus --out "$CORPUS" --hours 1.5 --seed 1234
 
+stage "character LM for the beam search (both cores; done: only its folder written again)"
+train_lm
+
 main=()  # the main command's two runs at every seed, first: the baselines start from them
 for seed in $SEEDS; do
     main+=("$seed hparams/mini/conformer_dense.yaml conformer_dense_mini"

@@ -14,6 +14,9 @@ NPROC=${NPROC:-2}
 YAML=hparams/mini/conformer_adrop.yaml
 source recipes/lib.sh
 
+stage "character LM (the test stage decodes with it)"
+train_lm
+
 stage "single-process run (the reference)"
 train_side_by_side "$YAML"
 

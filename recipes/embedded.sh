@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: the whole pipeline on the embedded (synthesised) corpus, on CPU.
-#   build corpus -> prepare -> tokenizer -> train dense -> train gated -> shrink -> decode
-#   -> benchmark -> dashboard
+#   build corpus -> character LM -> prepare -> tokenizer -> train dense -> train gated -> shrink
+#   -> decode -> benchmark -> dashboard
 # Every stage skips work that is already done, so running it again resumes where it stopped.
 # Environment knobs: CORPUS (folder), HOURS (train hours), SEED (training seed), OUT (dashboard).
 set -euo pipefail
@@ -16,6 +16,9 @@ source recipes/lib.sh
 
 stage "corpus: $HOURS h of synthesised speech in $CORPUS"
 conformer-prune synth-corpus --out "$CORPUS" --hours "$HOURS" --seed 1234
+
+stage "character LM for the beam search (both cores; done: only its folder written again)"
+train_lm
 
 stage "dense baseline and adaptive dropout (gated) model, side by side"
 train_side_by_side hparams/mini/conformer_dense.yaml hparams/mini/conformer_adrop.yaml

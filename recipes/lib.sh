@@ -18,6 +18,16 @@ is_done() {
     fi
 }
 
+# train_lm: the character LM every mini recogniser decodes with (their lm_folder), trained on
+# $CORPUS with both cores; done, it only writes its folder again; made with other settings, it
+# stops the recipe (train_lm.py checks, as train.py does).
+train_lm() {
+    mkdir -p results
+    python train_lm.py hparams/mini/lm_char.yaml --data_folder "$CORPUS" --num_threads 2 \
+        > results/lm_char_mini.log 2>&1 || { tail -n 30 results/lm_char_mini.log; return 1; }
+    tail -n 1 results/lm_char_mini.log
+}
+
 # train_side_by_side YAML...: trains each YAML (one core each: num_threads 1 in the mini YAMLs,
 # which on a 2-core machine beats one after the other with two threads each), logging to
 # results/<experiment>.log. A run whose results.json exists is done and skipped (unless its

@@ -14,11 +14,11 @@ import pytest
 from conformer_prune.cli import main as cli_main
 from tiny_runs import SMALL_BATCHES, TINY_ARCH_JSON, free_port, train_tiny
 
-def train_tiny_gated(corpus, run_dir, epochs):
+def train_tiny_gated(corpus, run_dir, epochs, lm=None):
     # Gates start at the threshold so that one short epoch already closes some of them.
     train_tiny("hparams/mini/conformer_adrop.yaml", corpus, run_dir, epochs,
                "--gate_threshold=0.9", "--gate_init_retention=0.9",
-               "--gate_target_params=null")  # the recipe's budget is above the tiny model
+               "--gate_target_params=null", lm=lm)  # the recipe's budget is above the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,10 @@ def dense_run(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gated_run(corpus, tmp_path_factory):
+def gated_run(corpus, tiny_lm, tmp_path_factory):
+    """The gated recipe decoding with the LM as the mini YAMLs do (lm_weight 0.5)."""
     run_dir = tmp_path_factory.mktemp("runs") / "adrop"
-    train_tiny_gated(corpus, run_dir, epochs=2)
+    train_tiny_gated(corpus, run_dir, epochs=2, lm=tiny_lm)
     return run_dir
 
 
@@ -50,6 +51,7 @@ def test_training_run_writes_results_history_and_alignments(gated_run):
         results["params"][part] for part in ("encoder", "decoder", "ctc")
     )
     assert results["decode"]["wall_seconds"] > 0 and results["decode"]["rtf"] > 0
+    assert results["decode"]["lm_weight"] == 0.5 and results["decode"]["lm_folder"]
     for split in ("test-clean", "test-other"):
         scores = results["splits"][split]
         assert 0 <= scores["cer"] and 0 <= scores["wer"]
@@ -73,6 +75,8 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     gated = json.loads((gated_run / "results.json").read_text())
     shrunk = json.loads((compact / "results.json").read_text())
     assert shrunk["model_kind"] == "shrunk"
+    # The search fused the same LM: the folder carries it (self-contained)
+    assert shrunk["decode"]["lm_weight"] == 0.5 and (compact / "lm.ckpt").exists()
     assert shrunk["params"]["total"] < gated["params"]["total"]
     parts = ("total", "encoder", "decoder", "ctc")
     assert {part: shrunk["params"][part] for part in parts} == gated["gates"]["params_if_shrunk"]

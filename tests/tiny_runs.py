@@ -22,18 +22,27 @@ TINY_ARCH_JSON = (
 SMALL_BATCHES = "{max_batch_length: 8, num_buckets: 4, shuffle: True, batch_ordering: random}"
 
 
-def tiny_arguments(yaml, corpus, run_dir, epochs, *overrides, arch=TINY_ARCH):
+# A tiny character LM (tests/conftest.py's `tiny_lm`): 40 outputs, as the tiny recognisers
+TINY_LM_ARCH = ("{output_neurons: 40, embedding_dim: 8, rnn_layers: 1, rnn_neurons: 16, "
+                "dnn_blocks: 1, dnn_neurons: 16, dropout: 0.0}")
+
+
+def tiny_arguments(yaml, corpus, run_dir, epochs, *overrides, arch=TINY_ARCH, lm=None):
+    """train.py's arguments for a tiny run; `lm`: an LM folder to decode with (default: the
+    YAML's LM weight set to 0, no LM)."""
+    lm_arguments = [f"--lm_folder={lm}"] if lm else ["--lm_weight=0.0"]
     return [
         "train.py", yaml,
         f"--data_folder={corpus}", f"--output_folder={run_dir}",
         f"--number_of_epochs={epochs}", "--output_neurons=40", f"--arch={arch}",
-        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *overrides,
+        "--warmup_steps=5", "--test_beam_size=2", "--max_decode_ratio=0.5", *lm_arguments,
+        *overrides,
     ]
 
 
-def train_tiny(yaml, corpus, run_dir, epochs, *overrides, launcher=(sys.executable,)):
+def train_tiny(yaml, corpus, run_dir, epochs, *overrides, launcher=(sys.executable,), lm=None):
     """Runs the training to its end; returns the finished process (stdout and stderr)."""
-    command = [*launcher, *tiny_arguments(yaml, corpus, run_dir, epochs, *overrides)]
+    command = [*launcher, *tiny_arguments(yaml, corpus, run_dir, epochs, *overrides, lm=lm)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done

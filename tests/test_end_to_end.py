@@ -124,9 +124,9 @@ def test_decode_names_a_file_missing_from_the_compact_folder(gated_run, corpus, 
                      "write the folder again with `conformer-prune shrink`"]
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus):
+def test_a_killed_run_resumes_from_its_last_checkpoint(gated_run, corpus, tiny_lm):
     """Starting the finished run again with one more epoch trains only that epoch."""
-    train_tiny_gated(corpus, gated_run, epochs=3)
+    train_tiny_gated(corpus, gated_run, epochs=3, lm=tiny_lm)
     history = [json.loads(line) for line in (gated_run / "history.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from conformer_prune.asr_brain import load_tokenizer, tokenizer_model_path, train_tokenizer
 from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
@@ -41,6 +42,15 @@ class LMBrain(sb.core.Brain):
     def compute_objectives(self, predictions, batch, stage):
         tokens_eos, lengths = batch.tokens_eos
         return sb.nnet.losses.nll_loss(predictions, tokens_eos, length=lengths)
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        sampler = loader_kwargs.get("batch_sampler")
+        if self.train_sampler is None and hasattr(sampler, "set_epoch"):
+            # SpeechBrain tells only the samplers it made itself the epoch: without this the
+            # buckets would be drawn alike every epoch (as ASRBrain does for the recognisers).
+            self.train_sampler = sampler
+        return loader_kwargs
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -78,6 +88,11 @@ def dataio_prepare(hparams, tokenizer):
     for data in (train, valid):
         data.add_dynamic_item(text_pipeline)
         data.set_output_keys(["id", "tokens_bos", "tokens_eos"])
+    if "dynamic_batching" in hparams:
+        # Sentences run from 3 to 40 words: batches of similar length pad far less.
+        hparams["train_dataloader_opts"]["batch_sampler"] = DynamicBatchSampler(
+            train, length_func=lambda sentence: len(sentence["wrd"]) + 1,
+            **hparams["dynamic_batching"])
     return train, valid, len(sentences), skipped
 
 

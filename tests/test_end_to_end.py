@@ -30,7 +30,7 @@ def dense_run(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gated_run(corpus, tiny_lm, tmp_path_factory):
-    """The gated recipe decoding with the LM as the mini YAMLs do (lm_weight 0.5)."""
+    """The gated recipe decoding with the LM as the mini YAMLs do (lm_weight 0.7)."""
     run_dir = tmp_path_factory.mktemp("runs") / "adrop"
     train_tiny_gated(corpus, run_dir, epochs=2, lm=tiny_lm)
     return run_dir
@@ -51,7 +51,7 @@ def test_training_run_writes_results_history_and_alignments(gated_run):
         results["params"][part] for part in ("encoder", "decoder", "ctc")
     )
     assert results["decode"]["wall_seconds"] > 0 and results["decode"]["rtf"] > 0
-    assert results["decode"]["lm_weight"] == 0.5 and results["decode"]["lm_folder"]
+    assert results["decode"]["lm_weight"] == 0.7 and results["decode"]["lm_folder"]
     for split in ("test-clean", "test-other"):
         scores = results["splits"][split]
         assert 0 <= scores["cer"] and 0 <= scores["wer"]
@@ -76,7 +76,7 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     shrunk = json.loads((compact / "results.json").read_text())
     assert shrunk["model_kind"] == "shrunk"
     # The search fused the same LM: the folder carries it (self-contained)
-    assert shrunk["decode"]["lm_weight"] == 0.5 and (compact / "lm.ckpt").exists()
+    assert shrunk["decode"]["lm_weight"] == 0.7 and (compact / "lm.ckpt").exists()
     assert shrunk["params"]["total"] < gated["params"]["total"]
     parts = ("total", "encoder", "decoder", "ctc")
     assert {part: shrunk["params"][part] for part in parts} == gated["gates"]["params_if_shrunk"]

@@ -91,7 +91,8 @@ def load_run(run_dir) -> dict:
     """One run as a plain dict with checked types; missing fields are None and explained in `notes`.
 
     Keys: dir, name, method, model_kind, seed, params {total, encoder, decoder, ctc}, flops
-    (encoder FLOPs per audio second), rtf, splits {split: {wer, cer, rtf}}, kept_fraction,
+    (encoder FLOPs per audio second), rtf, lm_weight (of the search's LM; 0: none), splits
+    {split: {wer, cer, rtf}}, kept_fraction,
     history (list of epochs, or None without history.jsonl), notes (list of str).
     """
     run_dir = Path(run_dir)
@@ -113,6 +114,9 @@ def load_run(run_dir) -> dict:
                          f"{where}: flops_per_audio_second.encoder"),
         "rtf": _number(_object(results.get("decode"), f"{where}: decode").get("rtf"),
                        f"{where}: decode.rtf"),
+        # 0 for runs decoded before the LM existed: they searched without one
+        "lm_weight": _number(_object(results.get("decode"), f"{where}: decode")
+                             .get("lm_weight", 0.0), f"{where}: decode.lm_weight"),
         "splits": {split: _split(values, f"{where}: splits.{split}")
                    for split, values in splits.items()},
         "kept_fraction": _number(_object(results.get("gates"), f"{where}: gates")
@@ -284,7 +288,7 @@ def _label_runs(runs: list[dict]) -> None:
     used = set()
     for name, group in groups.items():
         for run in group:
-            tags = [str(run[key]) for key in ("model_kind", "seed")
+            tags = [_tag(key, run[key]) for key in ("model_kind", "seed", "lm_weight")
                     if len({str(other[key]) for other in group}) > 1]
             if len(group) > 1 and not tags:
                 tags = [run["dir"].name]
@@ -294,6 +298,10 @@ def _label_runs(runs: list[dict]) -> None:
                 unique, n = f"{label} #{n}", n + 1
             used.add(unique)
             run["label"] = unique
+
+
+def _tag(key: str, value) -> str:
+    return f"LM {value:g}" if key == "lm_weight" else str(value)
 
 
 def _all_splits(runs: list[dict]) -> list[str]:
@@ -378,19 +386,23 @@ def _slug(text: str) -> str:
 
 
 def seed_groups(runs: list[dict]) -> list[dict]:
-    """The runs of one recipe (same name and model kind) at two or more seeds, one group each:
-    {name, method, model_kind, label, seeds, runs}. A comparison between methods is only as
-    good as the spread of each across seeds; the dashboard shows both."""
+    """The runs of one recipe (same name, model kind and LM weight of the search) at two or
+    more seeds, one group each: {name, method, model_kind, label, seeds, runs}. A comparison
+    between methods is only as good as the spread of each across seeds; the dashboard shows
+    both. Runs decoded with another LM weight are another group, never averaged in."""
     groups = {}
     for run in runs:
-        groups.setdefault((run["name"], run["model_kind"]), []).append(run)
+        groups.setdefault((run["name"], run["model_kind"], run["lm_weight"]), []).append(run)
     found = []
-    for (name, model_kind), members in groups.items():
+    for (name, model_kind, lm_weight), members in groups.items():
         seeds = sorted({str(run["seed"]) for run in members})
         if len(seeds) < 2:
             continue
-        label = f"{name} [{model_kind}]" if len({r["model_kind"] for r in runs
-                                                  if r["name"] == name}) > 1 else name
+        namesakes = [r for r in runs if r["name"] == name]
+        tags = [_tag(key, value) for key, value in (("model_kind", model_kind),
+                                                    ("lm_weight", lm_weight))
+                if len({str(r[key]) for r in namesakes}) > 1]
+        label = f"{name} [{' '.join(tags)}]" if tags else name
         found.append({"name": name, "method": members[0]["method"], "model_kind": model_kind,
                       "label": label, "seeds": seeds, "runs": members})
     return found

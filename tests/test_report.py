@@ -320,6 +320,19 @@ def test_recipes_at_several_seeds_get_mean_spread_and_only_supported_claims(tmp_
     assert "mean of 3 seeds" in page and "Across seeds" in page
 
 
+def test_runs_decoded_with_another_lm_weight_are_never_averaged_together(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (wer, lm_weight) in enumerate([(40.0, 0.7), (42.0, 0.7), (50.0, 0.0), (52.0, 0.0)]):
+        result = results("dense", "dense", "dense", 1_000_000, wer, None)
+        result["decode"]["lm_weight"] = lm_weight
+        write_run(runs / f"lm{lm_weight}" / str(seed % 2), {**result, "seed": seed % 2})
+    write_report([runs], tmp_path / "out")
+    table = (tmp_path / "out" / "seeds.md").read_text()
+    assert "| dense [LM 0.7] | dense | 2 | 600,000 | 41.00 ± 1.41 (2) |" in table
+    assert "| dense [LM 0] | dense | 2 | 600,000 | 51.00 ± 1.41 (2) |" in table
+    assert {"dense [0 LM 0.7]", "dense [1 LM 0]"} <= set(read_csv(tmp_path / "out" / "runs.csv"))
+
+
 def test_spread_of_one_value_and_of_none():
     from conformer_prune.report import spread
 

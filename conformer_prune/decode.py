@@ -200,7 +200,8 @@ def add_parser(subparsers):
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="override the run's CTC weight of joint and rescore search")
     parser.add_argument("--lm-weight", type=float, default=None,
-                        help="override the folder's LM weight in joint search (0: no LM; "
+                        help="override the folder's LM weight in joint and rescore search "
+                        "(0: no LM; "
                         "above 0 needs the folder's lm.ckpt, which shrink copies from the run)")
     parser.add_argument("--lm-folder", default=None,
                         help="decode with this LM folder (train_lm.py's) instead of the folder's "

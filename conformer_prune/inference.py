@@ -13,6 +13,10 @@ with a choice of search, because where decode time goes depends on it:
   the best of `ctc_weight * ctc + (1 - ctc_weight) * attention` (log probabilities) wins
   (attention rescoring, as in WeNet and ESPnet). One decoder pass instead of one per character.
 - `greedy`: the CTC head's best path; no decoder at all.
+
+With an `lm_weight` above 0 (the folder's, or load_compact_asr's argument) the joint search
+adds the character LM's scores at every step (conformer_prune/lm.py) and the rescore search adds
+`lm_weight * LM` to each hypothesis's score, from one teacher-forced pass of the LM.
 """
 
 import torch
@@ -41,6 +45,7 @@ class CompactASR(EncoderDecoderASR):
         self.search = search
         self.pieces = self.tokenizer.get_piece_size()
         self._prefix_searcher = None
+        self.lm, self.lm_weight = None, 0.0  # load_compact_asr sets the folder's LM
 
     @property
     def model(self):
@@ -95,17 +100,19 @@ class CompactASR(EncoderDecoderASR):
             return [[] for _ in nbest]
         attention = self.attention_scores(encoded, wav_lens, [i for i, _, _ in flat],
                                           [ids for _, _, ids in flat])
+        token_lists = [ids for _, _, ids in flat]
+        lm = (self.lm_scores(token_lists) if self.lm_weight > 0
+              else torch.zeros(len(flat))).tolist()
         weight = self.hparams.ctc_weight
         best = [(-float("inf"), []) for _ in nbest]
-        for (i, ctc, ids), att in zip(flat, attention.tolist()):
-            score = weight * ctc + (1 - weight) * att
+        for (i, ctc, ids), att, lm_score in zip(flat, attention.tolist(), lm):
+            score = weight * ctc + (1 - weight) * att + self.lm_weight * lm_score
             if score > best[i][0]:
                 best[i] = (score, ids)
         return [ids for _, ids in best]
 
-    def attention_scores(self, encoded, wav_lens, utterance, token_lists):
-        """log P_attention(tokens + eos | audio) of each hypothesis, in one decoder pass;
-        `utterance[j]` is the batch row hypothesis j belongs to."""
+    def _teacher_forced(self, token_lists):
+        """(inputs <bos> + ids, targets ids + <eos>, mask) of hypotheses, padded."""
         bos, eos = self.hparams.bos_index, self.hparams.eos_index
         longest = max(len(ids) for ids in token_lists) + 1
         inputs = torch.zeros(len(token_lists), longest, dtype=torch.long)
@@ -115,6 +122,20 @@ class CompactASR(EncoderDecoderASR):
             inputs[j, : len(ids) + 1] = torch.tensor([bos, *ids])
             targets[j, : len(ids) + 1] = torch.tensor([*ids, eos])
             mask[j, : len(ids) + 1] = 1
+        return inputs, targets, mask
+
+    def lm_scores(self, token_lists):
+        """log P_LM(tokens + eos) of each hypothesis, in one pass of the LM."""
+        inputs, targets, mask = self._teacher_forced(token_lists)
+        with torch.no_grad():
+            logits, _ = self.lm(inputs.to(self.device))
+        log_probs = torch.log_softmax(logits, dim=-1).cpu()
+        return (log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(dim=1)
+
+    def attention_scores(self, encoded, wav_lens, utterance, token_lists):
+        """log P_attention(tokens + eos | audio) of each hypothesis, in one decoder pass;
+        `utterance[j]` is the batch row hypothesis j belongs to."""
+        inputs, targets, mask = self._teacher_forced(token_lists)
         rows = torch.tensor(utterance, device=encoded.device)
         enc_lens = torch.round(wav_lens.index_select(0, rows) * encoded.shape[1]).int()
         # decode() masks frames past each length up to the longest length it is given: the
@@ -141,10 +162,11 @@ def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, in
     if int8:
         quantize_int8(asr.model)
     weight = getattr(asr.hparams, "lm_weight", 0.0) if lm_weight is None else lm_weight
-    asr.lm_weight = float(weight or 0.0) if search == "joint" else 0.0
+    asr.lm_weight = float(weight or 0.0) if search != "greedy" else 0.0
     if asr.lm_weight > 0:
-        attach_lm(asr.mods.decoder, load_lm(lm_folder or model_dir, asr.tokenizer),
-                  asr.lm_weight)
+        asr.lm = load_lm(lm_folder or model_dir, asr.tokenizer).to(asr.device)
+        if search == "joint":
+            attach_lm(asr.mods.decoder, asr.lm, asr.lm_weight)
     return asr
 
 

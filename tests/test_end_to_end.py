@@ -107,6 +107,7 @@ def test_decode_takes_another_search_int8_and_ctc_weight_without_touching_result
     assert rescored["decode"]["searcher"] == "ctc_prefix_beam_attention_rescore"
     assert rescored["decode"]["int8"] is True
     assert rescored["decode"]["ctc_weight"] == 0.5 and rescored["decode"]["beam_size"] == 3
+    assert rescored["decode"]["lm_weight"] == 0.7  # the folder's LM rescores the n-best too
     assert 0 <= rescored["splits"]["test-clean"]["wer"]
     assert (compact / "wer_test-clean_rescore_int8.txt").exists()
 

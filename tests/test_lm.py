@@ -85,6 +85,32 @@ def test_train_lm_run_again_is_done_and_refuses_other_settings(tiny_lm):
     assert other.returncode == 1 and "lr" in other.stderr.splitlines()[-1]
 
 
+def test_rescoring_scores_a_hypothesis_as_the_beam_search_steps_would():
+    """CompactASR.lm_scores (one teacher-forced pass over padded hypotheses) equals the sum of
+    RNNLMScorer's step-by-step log-probabilities from <bos> to <eos>."""
+    from types import SimpleNamespace
+
+    from speechbrain.decoders.scorer import RNNLMScorer
+
+    from conformer_prune.inference import CompactASR
+
+    torch.manual_seed(0)
+    lm = build_lm({"output_neurons": 6, "embedding_dim": 4, "rnn_layers": 1, "rnn_neurons": 8,
+                   "dnn_blocks": 1, "dnn_neurons": 8, "dropout": 0.0}).eval()
+    asr = SimpleNamespace(hparams=SimpleNamespace(bos_index=1, eos_index=2), lm=lm,
+                          device="cpu")
+    asr._teacher_forced = lambda token_lists: CompactASR._teacher_forced(asr, token_lists)
+    hypotheses = [[3, 4, 5, 3], [5], []]
+    batched = CompactASR.lm_scores(asr, hypotheses)
+    scorer = RNNLMScorer(lm)
+    for hypothesis, score in zip(hypotheses, batched):
+        memory, total = None, 0.0
+        for previous, token in zip([1, *hypothesis], [*hypothesis, 2]):
+            log_probs, memory = scorer.score(torch.tensor([previous]), memory, None, None)
+            total += float(log_probs[0, token])
+        assert float(score) == pytest.approx(total, abs=1e-5)
+
+
 def test_attach_lm_adds_and_removes_the_rnnlm_scorer():
     ctc = CTCScorer(ctc_fc=torch.nn.Linear(4, 6), blank_index=0, eos_index=2)
     scorer = ScorerBuilder(partial_scorers=[ctc], weights={"ctc": 0.4})

@@ -29,11 +29,12 @@ from speechbrain.decoders import S2STransformerBeamSearcher
 
 from common import csv_batch, flops, interleaved_medians, machine, write_report
 from conformer_prune.decode import FolderDecoder
-from conformer_prune.export import export_onnx, onnx_session, trace_encoder
+from conformer_prune.export import export_onnx, onnx_session, quantize_onnx, trace_encoder
 from conformer_prune.model import count_params, load_weights
 from conformer_prune.prepare import prepare_librispeech
 
-# (row name, model, search, int8, encoder): encoder "eager", "torchscript", "onnx" or "uncached"
+# (row name, model, search, int8, encoder): encoder "eager", "torchscript", "onnx", "onnx_int8"
+# (onnxruntime's dynamic int8 of the ONNX graph; the PyTorch model stays float) or "uncached"
 # (the eager encoder with SpeechBrain's own S2STransformerBeamSearcher, no decoder cache).
 ROWS = [
     ("dense, joint search, SpeechBrain's searcher", "dense", "joint", False, "uncached"),
@@ -50,8 +51,11 @@ ROWS = [
     ("dense, greedy CTC", "dense", "greedy", False, "eager"),
     ("shrunk, greedy CTC", "shrunk", "greedy", False, "eager"),
     ("shrunk int8, greedy CTC", "shrunk", "greedy", True, "eager"),
+    ("dense ONNX int8 encoder (onnxruntime), joint search", "dense", "joint", False, "onnx_int8"),
+    ("shrunk ONNX int8 encoder (onnxruntime), joint search", "shrunk", "joint", False,
+     "onnx_int8"),
 ]
-EXPORTED = ("torchscript", "onnx")  # batch 1 only
+EXPORTED = ("torchscript", "onnx", "onnx_int8")  # batch 1 only
 
 
 def parse_args():
@@ -92,10 +96,14 @@ class Row:
             # Batch 1 only: the trace has no padding mask.
             self.asr.encode_batch = lambda wavs, wav_lens: traced(wavs)[0]
             self.decoder.batch_size = 1
-        if encoder == "onnx":
+        if encoder in ("onnx", "onnx_int8"):
             path = Path(scratch) / "encoder.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             export_onnx(self.asr, path, self.asr.hparams.sample_rate)
+            if encoder == "onnx_int8":
+                quantize_onnx(path, path.with_name("encoder_int8.onnx"),
+                              self.asr.hparams.sample_rate, self.asr)
+                path = path.with_name("encoder_int8.onnx")
             session, fbank = onnx_session(path, threads), self.asr.hparams.compute_features
             self.asr.encode_batch = lambda wavs, wav_lens: torch.from_numpy(
                 session.run(None, {"filterbanks": fbank(wavs).numpy()})[0])

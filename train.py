@@ -33,7 +33,7 @@ from conformer_prune.asr_brain import (
 )
 from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
 from conformer_prune.errors import InputError, one_line
-from conformer_prune.lm import attach_lm, run_lm
+from conformer_prune.lm import attach_lm, check_run_lm, run_lm
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.ranks import compare_ranks
@@ -79,7 +79,7 @@ def main(argv):
     )
     run_on_main(train_tokenizer, kwargs={"hparams": hparams})
     tokenizer = load_tokenizer(hparams)
-    lm = run_lm(hparams, tokenizer)  # None without one; a missing LM stops the run before fit
+    check_run_lm(hparams, tokenizer)  # a missing LM stops the run now, not after training
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
     attach_method(hparams)
@@ -105,6 +105,7 @@ def main(argv):
     ranks = None
     if not run_opts.get("test_only"):
         ranks = compare_ranks(brain.plain_modules, brain.method)  # None without torchrun
+    lm = run_lm(hparams, tokenizer)  # loaded only now: training is the same with or without
     if lm is not None:
         attach_lm(hparams["test_search"], lm, hparams["lm_weight"])
     splits, decode = evaluate_splits(brain, test_datasets, hparams)

@@ -40,6 +40,14 @@ def build_lm(arch):
         return RNNLM(return_hidden=True, **arch)
 
 
+def _load_quietly(arch):
+    """build_lm for weights about to be loaded, its random initialisation drawn from a forked
+    generator: loading an LM must not move the global random stream (a recogniser that loaded
+    its LM before training would otherwise train on other dropout and noise draws)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_lm(arch)
+
+
 def pieces_of(tokenizer):
     """The SentencePiece model's pieces in id order: what two tokenizers must share."""
     return [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
@@ -104,14 +112,21 @@ def load_lm(folder, tokenizer=None):
     info = json.loads((folder / LM_INFO).read_text(encoding="utf-8"))
     if tokenizer is not None:
         check_lm_tokens(folder, tokenizer)
-    lm = build_lm(info["arch"])
+    lm = _load_quietly(info["arch"])
     lm.load_state_dict(torch.load(folder / LM_WEIGHTS, map_location="cpu"))
     return lm.eval()
 
 
+def check_run_lm(hparams, tokenizer):
+    """The LM that a recogniser's YAML asks for (`lm_weight` > 0, from `lm_folder`) is there
+    and reads the recogniser's tokens: train.py asks before training, so that a missing LM
+    stops the run at once, not after it. Nothing is built."""
+    if hparams.get("lm_weight"):
+        check_lm_tokens(check_lm_folder(hparams["lm_folder"]), tokenizer)
+
+
 def run_lm(hparams, tokenizer):
-    """The LM that a recogniser's YAML asks for (`lm_weight` > 0, from `lm_folder`), or None.
-    train.py loads it before training, so that a missing LM stops the run at once."""
+    """The LM that a recogniser's YAML asks for, loaded, or None (`lm_weight` 0)."""
     if not hparams.get("lm_weight"):
         return None
     return load_lm(hparams["lm_folder"], tokenizer)

@@ -70,6 +70,25 @@ def test_train_lm_writes_an_lm_folder_that_loads_with_the_recogniser_tokens(tiny
         load_lm(tmp_path)
 
 
+def test_checking_or_loading_the_lm_leaves_the_random_stream_alone(tiny_lm):
+    """train.py checks the LM before training and loads it after: neither may change what a
+    recogniser trains on, so the global generator must be where it was."""
+    import sentencepiece
+
+    from conformer_prune.lm import check_run_lm, run_lm
+
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tiny_lm / "tokenizer.ckpt"))
+    hparams = {"lm_weight": 0.7, "lm_folder": str(tiny_lm)}
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    check_run_lm(hparams, tokenizer)
+    assert run_lm(hparams, tokenizer) is not None
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(InputError, match="no language model here"):
+        check_run_lm({**hparams, "lm_folder": str(tiny_lm / "nothing")}, tokenizer)
+    assert run_lm({**hparams, "lm_weight": 0.0}, tokenizer) is None
+
+
 def test_train_lm_run_again_is_done_and_refuses_other_settings(tiny_lm):
     weights = (tiny_lm / "lm.ckpt").read_bytes()
     base = [sys.executable, "train_lm.py", "hparams/mini/lm_char.yaml",

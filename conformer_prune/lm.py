@@ -40,7 +40,7 @@ def build_lm(arch):
         return RNNLM(return_hidden=True, **arch)
 
 
-def _load_quietly(arch):
+def _build_without_drawing(arch):
     """build_lm for weights about to be loaded, its random initialisation drawn from a forked
     generator: loading an LM must not move the global random stream (a recogniser that loaded
     its LM before training would otherwise train on other dropout and noise draws)."""
@@ -112,7 +112,7 @@ def load_lm(folder, tokenizer=None):
     info = json.loads((folder / LM_INFO).read_text(encoding="utf-8"))
     if tokenizer is not None:
         check_lm_tokens(folder, tokenizer)
-    lm = _load_quietly(info["arch"])
+    lm = _build_without_drawing(info["arch"])
     lm.load_state_dict(torch.load(folder / LM_WEIGHTS, map_location="cpu"))
     return lm.eval()
 

@@ -32,7 +32,7 @@ from conformer_prune.asr_brain import (
     train_tokenizer,
 )
 from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
-from conformer_prune.errors import InputError, one_line
+from conformer_prune.errors import InputError, print_input_error
 from conformer_prune.lm import attach_lm, check_run_lm, run_lm
 from conformer_prune.model import count_params
 from conformer_prune.prepare import prepare_librispeech
@@ -150,5 +150,4 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except InputError as err:
         # Bad input (docs/RELIABILITY.md): one line naming the item, not a traceback.
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(print_input_error(err))

@@ -23,15 +23,22 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-from conformer_prune.asr_brain import load_tokenizer, tokenizer_model_path, train_tokenizer
+from conformer_prune.asr_brain import (
+    EpochSamplerBrain,
+    load_tokenizer,
+    text_pipeline,
+    tokenizer_model_path,
+    train_tokenizer,
+)
 from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
-from conformer_prune.errors import InputError, one_line
+from conformer_prune.errors import InputError, print_input_error
 from conformer_prune.lm import LM_INFO, LM_TOKENIZER, LM_WEIGHTS, lm_sentences
 from conformer_prune.prepare import prepare_librispeech
 
 
-class LMBrain(sb.core.Brain):
-    """Next-token prediction: tokens with <bos> in front predict tokens with <eos> after."""
+class LMBrain(EpochSamplerBrain):
+    """Next-token prediction: tokens with <bos> in front predict tokens with <eos> after.
+    EpochSamplerBrain: the length buckets are drawn anew every epoch, as the recognisers' are."""
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -42,15 +49,6 @@ class LMBrain(sb.core.Brain):
     def compute_objectives(self, predictions, batch, stage):
         tokens_eos, lengths = batch.tokens_eos
         return sb.nnet.losses.nll_loss(predictions, tokens_eos, length=lengths)
-
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        sampler = loader_kwargs.get("batch_sampler")
-        if self.train_sampler is None and hasattr(sampler, "set_epoch"):
-            # SpeechBrain tells only the samplers it made itself the epoch: without this the
-            # buckets would be drawn alike every epoch (as ASRBrain does for the recognisers).
-            self.train_sampler = sampler
-        return loader_kwargs
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -76,17 +74,9 @@ def dataio_prepare(hparams, tokenizer):
     train = sb.dataio.dataset.DynamicItemDataset(
         {f"lm{i:06d}": {"wrd": sentence} for i, sentence in enumerate(sentences)})
     valid = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=hparams["valid_csv"])
-    bos, eos = hparams["bos_index"], hparams["eos_index"]
-
-    @sb.utils.data_pipeline.takes("wrd")
-    @sb.utils.data_pipeline.provides("tokens_bos", "tokens_eos")
-    def text_pipeline(wrd):
-        tokens = tokenizer.encode_as_ids(wrd)
-        yield torch.LongTensor([bos, *tokens])
-        yield torch.LongTensor([*tokens, eos])
-
+    pipeline = text_pipeline(tokenizer, hparams["bos_index"], hparams["eos_index"])
     for data in (train, valid):
-        data.add_dynamic_item(text_pipeline)
+        data.add_dynamic_item(pipeline)
         data.set_output_keys(["id", "tokens_bos", "tokens_eos"])
     if "dynamic_batching" in hparams:
         # Sentences run from 3 to 40 words: batches of similar length pad far less.
@@ -145,5 +135,5 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except InputError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        # Bad input (docs/RELIABILITY.md): one line naming the item, not a traceback.
+        sys.exit(print_input_error(err))

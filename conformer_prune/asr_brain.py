@@ -30,8 +30,21 @@ logger = logging.getLogger(__name__)
 _PARALLEL_WRAPPERS = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
 
 
+class EpochSamplerBrain(sb.core.Brain):
+    """A Brain that tells a batch sampler handed to it (dynamic batching) which epoch it is.
+    SpeechBrain does so only for the samplers it made itself; without it a DynamicBatchSampler
+    draws its batches from seed + 0 every epoch, the same batches in the same order."""
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        batch_sampler = loader_kwargs.get("batch_sampler")
+        if self.train_sampler is None and hasattr(batch_sampler, "set_epoch"):
+            self.train_sampler = batch_sampler
+        return loader_kwargs
+
+
 @sb.utils.checkpoints.register_checkpoint_hooks  # its own _save/_recover below
-class ASRBrain(sb.core.Brain):
+class ASRBrain(EpochSamplerBrain):
     """Conformer CTC/attention training with the YAML's pruning method (`method`, see
     conformer_prune/methods/base.py for the hooks it calls), and decoding that records timing
     for results.json."""
@@ -155,13 +168,7 @@ class ASRBrain(sb.core.Brain):
         step then averages N different batches and there are N times fewer steps per epoch."""
         batch_sampler = loader_kwargs.get("batch_sampler")
         if not self.distributed_launch or batch_sampler is None:
-            loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-            if self.train_sampler is None and hasattr(batch_sampler, "set_epoch"):
-                # SpeechBrain tells only the samplers it made itself which epoch it is; without
-                # this, the DynamicBatchSampler draws its batches from seed + 0 every epoch and
-                # every epoch trains on the same batches in the same order.
-                self.train_sampler = batch_sampler
-            return loader_kwargs
+            return super()._train_loader_specifics(dataset, loader_kwargs)  # EpochSamplerBrain
         self.train_sampler = SplitBatchesAcrossRanks(
             batch_sampler, torch.distributed.get_rank(), torch.distributed.get_world_size())
         loader_kwargs["batch_sampler"] = self.train_sampler
@@ -564,6 +571,21 @@ class LengthBatchSampler(DynamicBatchSampler):
             self._batch_ordering = ordering
 
 
+def text_pipeline(tokenizer, bos_index, eos_index):
+    """The `wrd` column's dynamic items: wrd, tokens_bos (<bos> + ids), tokens_eos
+    (ids + <eos>) and tokens; the recognisers' and the LM's (train_lm.py) alike."""
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")
+    def pipeline(wrd):
+        yield wrd
+        tokens = tokenizer.encode_as_ids(wrd)
+        yield torch.LongTensor([bos_index] + tokens)
+        yield torch.LongTensor(tokens + [eos_index])
+        yield torch.LongTensor(tokens)
+
+    return pipeline
+
+
 def add_pipelines(datasets, tokenizer, bos_index, eos_index):
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -577,17 +599,8 @@ def add_pipelines(datasets, tokenizer, bos_index, eos_index):
                              "were prepared: fix it, or delete the run's prepare_opts.json "
                              "to prepare again") from None
 
-    @sb.utils.data_pipeline.takes("wrd")
-    @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")
-    def text_pipeline(wrd):
-        yield wrd
-        tokens = tokenizer.encode_as_ids(wrd)
-        yield torch.LongTensor([bos_index] + tokens)
-        yield torch.LongTensor(tokens + [eos_index])
-        yield torch.LongTensor(tokens)
-
     sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
-    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline(tokenizer, bos_index, eos_index))
     sb.dataio.dataset.set_output_keys(
         datasets, ["id", "sig", "wrd", "tokens_bos", "tokens_eos", "tokens", "duration"]
     )

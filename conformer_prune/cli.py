@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from conformer_prune.errors import InputError, one_line
+from conformer_prune.errors import InputError, print_input_error
 
 SUBCOMMAND_MODULES = ("synth", "prepare", "shrink", "decode", "export", "report", "delta",
                       "checkpoints")
@@ -32,8 +32,7 @@ def main(argv=None):
         return args.func(args)
     except InputError as err:
         # Bad input: one line naming the item, no traceback (docs/RELIABILITY.md).
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return print_input_error(err)
 
 
 if __name__ == "__main__":

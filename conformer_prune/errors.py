@@ -6,6 +6,9 @@ in the code still raises whatever it raises, with its traceback.
 """
 
 
+import sys
+
+
 class InputError(ValueError):
     """Bad input, named in the message; see docs/RELIABILITY.md for every case handled."""
 
@@ -18,6 +21,13 @@ def one_line(err):
         last = text.strip().splitlines()[-1]
         text = last.split("InputError: ", 1)[-1]
     return text
+
+
+def print_input_error(err):
+    """Prints an InputError as the one `error:` line of the command line; returns its exit
+    status, 1 (conformer-prune, train.py and train_lm.py alike)."""
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    return 1
 
 
 def gist(err, lines=3, chars=600):

@@ -127,8 +127,13 @@ def _fsync_folder_files(folder):
 # Keys that do not make another run: where the data lies, how many threads read it, and the
 # run's name and folder (a run folder copied under another name is still that run).
 FREE_KEYS = ("data_folder", "num_threads", "experiment_name", "output_folder")
-# train.py may also resume a run with more epochs: continuing a finished run is what that is for.
-FREE_ON_RESUME = (*FREE_KEYS, "number_of_epochs")
+# Settings of the test stage's search only: the same training decoded another way.
+DECODE_KEYS = ("test_beam_size", "ctc_weight_decode", "lm_weight", "lm_folder", "max_decode_ratio")
+# train.py may also resume a run with more epochs, or a finished run to decode it with other
+# search settings: continuing a finished run is what that is for.
+FREE_ON_RESUME = (*FREE_KEYS, "number_of_epochs", *DECODE_KEYS)
+# check-run's exit status for a run trained as asked but decoded with other search settings.
+DECODED_OTHERWISE = 3
 
 
 def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
@@ -185,8 +190,10 @@ def add_parser(subparsers):
         help="check that a run folder was made by this YAML and these overrides",
         description="Exits 0 when RUN's saved hyperparams.yaml is what YAML with the overrides "
                     "(train.py's own --key value arguments) resolves to; otherwise names the "
-                    "keys that changed and exits 1. Recipes ask this before they skip a "
-                    "finished run.",
+                    "keys that changed and exits 1; exits 3 when only the search settings "
+                    f"differ ({', '.join(DECODE_KEYS)}): the run is trained as asked and "
+                    "train.py resumed on it decodes it again. Recipes ask this before they "
+                    "skip a finished run.",
     )
     parser.add_argument("run", help="the run folder, results/<name>/<seed>")
     parser.add_argument("yaml", help="the training YAML")
@@ -198,6 +205,12 @@ def add_parser(subparsers):
 
 def run_check(args):
     _, _, overrides = parse_arguments([args.yaml, *args.overrides])  # train.py's own parser
-    check_same_hparams(args.run, args.yaml, overrides)
+    check_same_hparams(args.run, args.yaml, overrides, (*FREE_KEYS, *DECODE_KEYS))
+    # Trained as asked; the search settings, and the keys that refer to them, may still differ.
+    decoding = changed_hparams(args.run, args.yaml, overrides)
+    if decoding:
+        print(f"{args.run}: trained with these settings but decoded with other search settings "
+              f"(changed: {', '.join(decoding)}); train.py decodes it again when it resumes it")
+        return DECODED_OTHERWISE
     print(f"{args.run}: same hyperparameters as {args.yaml} with the overrides")
     return 0

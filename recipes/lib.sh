@@ -7,15 +7,20 @@ stage() { echo "=== [$(( $(date +%s) - started ))s] $*"; }
 
 # is_done RUN YAML [OVERRIDE...]: true when RUN has its results.json; fails the recipe when that
 # finished run was made with other settings than YAML and these overrides (conformer-prune
-# check-run names the keys): a stale result must not be reused as this one.
+# check-run names the keys): a stale result must not be reused as this one. A run trained as
+# asked but decoded with other search settings (check-run's exit 3) is not done: train.py,
+# resuming it, only decodes it again.
 is_done() {
-    local run=$1
+    local run=$1 said status
     shift
     [ -f "$run/results.json" ] || return 1
-    if ! conformer-prune check-run "$run" "$@" 2> >(grep -v quirks >&2) > /dev/null; then
-        echo "FAILED: $run is finished but was trained with other settings (above)"
-        exit 1
-    fi
+    said=$(conformer-prune check-run "$run" "$@" 2> >(grep -v quirks >&2))
+    status=$?
+    case $status in
+        0) return 0 ;;
+        3) echo "$said"; return 1 ;;
+        *) echo "FAILED: $run is finished but was trained with other settings (above)"; exit 1 ;;
+    esac
 }
 
 # train_lm: the character LM every mini recogniser decodes with (their lm_folder), trained on
@@ -57,11 +62,13 @@ train_side_by_side() {
 }
 
 # shrink_and_decode RUN: shrinks a gated run into RUN/compact (conformer-prune shrink) and
-# decodes the compact model on $CORPUS, unless it was decoded already (its results.json).
+# decodes the compact model on $CORPUS, unless it was decoded already (its results.json) since
+# the run itself was last decoded (a run decoded again with other search settings: the compact
+# folder takes them from it).
 shrink_and_decode() {
-    local run=$1
+    local run=$1 decoded=$1/compact/results.json
     conformer-prune shrink "$run" --out "$run/compact"
-    if [ -f "$run/compact/results.json" ]; then
+    if [ -f "$decoded" ] && ! [ "$run/results.json" -nt "$decoded" ]; then
         echo "$run/compact: decoded (results.json), skipped"
     else
         conformer-prune decode "$run/compact" --data-folder "$CORPUS"

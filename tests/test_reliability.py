@@ -5,6 +5,7 @@ run that was not killed ends (issue 16)."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,6 +321,32 @@ def test_check_run_tells_a_finished_run_made_by_other_settings(dense_run, corpus
     # the keys given, and those that refer to them (the optimiser's lr, the counter's limit)
     assert {"lr", "number_of_epochs", "epoch_counter"} <= set(changed.split(", "))
     assert "data_folder" not in changed and "seed" not in changed
+    searched = check("--ctc_weight_decode=0.6")  # the same training, decoded another way
+    assert searched.returncode == 3, searched.stderr[-2000:]
+    assert "decoded with other search settings (changed: ctc_weight_decode, scorer)" \
+        in searched.stdout
+    both = check("--ctc_weight_decode=0.6", "--lr=0.01")
+    assert both.returncode == 1
+    changed = both.stderr.strip().splitlines()[-1].split("(changed: ")[1].split(";")[0]
+    assert "lr" in changed.split(", ") and "ctc_weight_decode" not in changed  # training only
+
+
+def test_a_finished_run_resumed_with_other_search_settings_is_only_decoded_again(
+        dense_run, corpus, tmp_path):
+    # What a recipe does after check-run's exit 3: train.py resumes the run, which has no
+    # epoch left, so only the test stage runs, with the new settings, and records them.
+    run = tmp_path / "dense"
+    shutil.copytree(dense_run, run)  # a copied run folder is still that run
+    saved = {path: path.read_bytes() for path in (run / "save").rglob("*") if path.is_file()}
+    history = (run / "train_log.txt").read_text()
+    train_tiny(DENSE, corpus, run, 1, "--ctc_weight_decode=0.6")
+    assert json.loads((run / "results.json").read_text())["decode"]["ctc_weight"] == 0.6
+    assert {path: path.read_bytes() for path in (run / "save").rglob("*")
+            if path.is_file()} == saved  # nothing trained, no checkpoint written
+    log = (run / "train_log.txt").read_text()  # the history, then the test stage's lines only
+    assert log.startswith(history)
+    assert all(line.startswith("test split:") for line in log[len(history):].splitlines())
+    assert "ctc_weight_decode: 0.6" in (run / "hyperparams.yaml").read_text()
 
 
 def _tiny_arch(**changes):

@@ -12,11 +12,15 @@ import sys
 import pytest
 
 from conformer_prune.cli import main as cli_main
-from tiny_runs import SMALL_BATCHES, TINY_ARCH_JSON, free_port, train_tiny
+from conformer_prune.shrink import plain_hparams
+from tiny_runs import ROOT, SMALL_BATCHES, TINY_ARCH_JSON, free_port, train_tiny
+
+GATED_YAML = "hparams/mini/conformer_adrop.yaml"
+LM_WEIGHT = plain_hparams(ROOT / GATED_YAML)["lm_weight"]  # the mini YAMLs' (tuned on dev)
 
 def train_tiny_gated(corpus, run_dir, epochs, lm=None):
     # Gates start at the threshold so that one short epoch already closes some of them.
-    train_tiny("hparams/mini/conformer_adrop.yaml", corpus, run_dir, epochs,
+    train_tiny(GATED_YAML, corpus, run_dir, epochs,
                "--gate_threshold=0.9", "--gate_init_retention=0.9",
                "--gate_target_params=null", lm=lm)  # the recipe's budget is above the tiny model
 
@@ -30,7 +34,7 @@ def dense_run(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gated_run(corpus, tiny_lm, tmp_path_factory):
-    """The gated recipe decoding with the LM as the mini YAMLs do (lm_weight 0.7)."""
+    """The gated recipe decoding with the LM as the mini YAMLs do (their lm_weight)."""
     run_dir = tmp_path_factory.mktemp("runs") / "adrop"
     train_tiny_gated(corpus, run_dir, epochs=2, lm=tiny_lm)
     return run_dir
@@ -51,7 +55,7 @@ def test_training_run_writes_results_history_and_alignments(gated_run):
         results["params"][part] for part in ("encoder", "decoder", "ctc")
     )
     assert results["decode"]["wall_seconds"] > 0 and results["decode"]["rtf"] > 0
-    assert results["decode"]["lm_weight"] == 0.7 and results["decode"]["lm_folder"]
+    assert results["decode"]["lm_weight"] == LM_WEIGHT > 0 and results["decode"]["lm_folder"]
     for split in ("test-clean", "test-other"):
         scores = results["splits"][split]
         assert 0 <= scores["cer"] and 0 <= scores["wer"]
@@ -76,7 +80,7 @@ def test_shrunk_model_is_smaller_and_decodes_exactly_like_the_gated_model(gated_
     shrunk = json.loads((compact / "results.json").read_text())
     assert shrunk["model_kind"] == "shrunk"
     # The search fused the same LM: the folder carries it (self-contained)
-    assert shrunk["decode"]["lm_weight"] == 0.7 and (compact / "lm.ckpt").exists()
+    assert shrunk["decode"]["lm_weight"] == LM_WEIGHT and (compact / "lm.ckpt").exists()
     assert shrunk["params"]["total"] < gated["params"]["total"]
     parts = ("total", "encoder", "decoder", "ctc")
     assert {part: shrunk["params"][part] for part in parts} == gated["gates"]["params_if_shrunk"]
@@ -107,7 +111,7 @@ def test_decode_takes_another_search_int8_and_ctc_weight_without_touching_result
     assert rescored["decode"]["searcher"] == "ctc_prefix_beam_attention_rescore"
     assert rescored["decode"]["int8"] is True
     assert rescored["decode"]["ctc_weight"] == 0.5 and rescored["decode"]["beam_size"] == 3
-    assert rescored["decode"]["lm_weight"] == 0.7  # the folder's LM rescores the n-best too
+    assert rescored["decode"]["lm_weight"] == LM_WEIGHT  # the folder's LM rescores the n-best too
     assert 0 <= rescored["splits"]["test-clean"]["wer"]
     assert (compact / "wer_test-clean_rescore_int8.txt").exists()
 

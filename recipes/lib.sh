@@ -23,6 +23,15 @@ is_done() {
     esac
 }
 
+# log_start LOG ARGUMENT...: a line that starts train.py's part of LOG. Logs are appended to, so
+# that a resumed run (killed, or decoded again with other search settings) keeps what its
+# earlier attempts said.
+log_start() {
+    local log=$1
+    shift
+    echo "=== $(date '+%F %T') python train.py $*" >> "$log"
+}
+
 # train_lm: the character LM every mini recogniser decodes with (their lm_folder), trained on
 # $CORPUS with both cores; done, it only writes its folder again; made with other settings, it
 # stops the recipe (train_lm.py checks, as train.py does).
@@ -49,7 +58,8 @@ train_side_by_side() {
             continue
         fi
         echo "training $yaml -> $run (log: results/$name.log)"
-        python train.py "$yaml" --data_folder "$CORPUS" --seed "$SEED" > "results/$name.log" 2>&1 &
+        log_start "results/$name.log" "$yaml" --data_folder "$CORPUS" --seed "$SEED"
+        python train.py "$yaml" --data_folder "$CORPUS" --seed "$SEED" >> "results/$name.log" 2>&1 &
         pids+=($!); logs+=("results/$name.log")
     done
     local i failed=0
@@ -108,8 +118,10 @@ train_queue() {
         log=results/${words[2]}_${words[0]}.log
         while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
         echo "training ${words[1]} -> $run (log: $log)"
+        log_start "$log" "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
+            --experiment_name "${words[2]}" "${words[@]:3}"
         python train.py "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
-            --experiment_name "${words[2]}" "${words[@]:3}" > "$log" 2>&1 &
+            --experiment_name "${words[2]}" "${words[@]:3}" >> "$log" 2>&1 &
     done
     wait || true
     for spec in "$@"; do

@@ -72,3 +72,25 @@ def test_shrink_and_decode_decodes_the_compact_model_again_after_its_run(tmp_pat
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "calls.txt").read_text().splitlines()[-1] == \
         "decode run/compact --data-folder corpus"
+
+
+def test_train_queue_runs_train_py_again_on_a_run_searched_otherwise_and_keeps_its_log(tmp_path):
+    # train.py stand-in: says what it was given and finishes the run (results.json)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python"
+    python.write_text('#!/usr/bin/env bash\necho "train.py said: $*"\n'
+                      'mkdir -p results/name/1 && echo {} > results/name/1/results.json\n')
+    python.chmod(0o755)
+    first = _lib(tmp_path, "train_queue '1 y.yaml name --lr 0.1'")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = _lib(tmp_path, "train_queue '1 y.yaml name --lr 0.1'", check_run_status=3)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "check-run said" in again.stdout
+    log = (tmp_path / "results" / "name_1.log").read_text().splitlines()
+    command = "train.py y.yaml --data_folder corpus --seed 1 --experiment_name name --lr 0.1"
+    said = [line for line in log if not line.startswith("=== ")]
+    assert said == [f"train.py said: {command}"] * 2  # the first attempt's log is kept
+    assert sum(line.startswith("=== ") and line.endswith(f"python {command}") for line in log) == 2
+    done = _lib(tmp_path, "train_queue '1 y.yaml name --lr 0.1'")  # check-run: as asked
+    assert "results/name/1: done (results.json), skipped" in done.stdout

@@ -208,8 +208,9 @@ def add_parser(subparsers):
                         "own; needs --lm-weight when the folder has none")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--int8", action="store_true",
-                        help="quantise the encoder's and CTC head's Linear layers to int8 first "
-                        "(CPU; PyTorch dynamic quantisation)")
+                        help="quantise the encoder's and CTC head's Linear layers and the LM's "
+                        "LSTM and Linear layers to int8 first (CPU; PyTorch dynamic "
+                        "quantisation)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=run)
     return parser

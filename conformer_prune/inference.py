@@ -24,7 +24,7 @@ from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 from speechbrain.inference.ASR import EncoderDecoderASR
 
 from conformer_prune.errors import InputError
-from conformer_prune.lm import attach_lm, load_lm
+from conformer_prune.lm import attach_lm, load_lm, quantize_lm_int8
 from conformer_prune.shrink import RaggedRelPosMHAXL
 
 SEARCHES = ("joint", "rescore", "greedy")
@@ -151,8 +151,9 @@ class CompactASR(EncoderDecoderASR):
 def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, int8=False,
                      lm_weight=None, lm_folder=None):
     """CompactASR of a folder written by `conformer-prune shrink`, weights loaded offline;
-    `int8` quantises it (quantize_int8; CPU only). The joint search fuses the folder's LM (or
-    `lm_folder`'s) with the folder's `lm_weight`, or with `lm_weight` when given (0: no LM)."""
+    `int8` quantises it (quantize_int8, and the LM: lm.quantize_lm_int8; CPU only). The joint
+    search fuses the folder's LM (or `lm_folder`'s) with the folder's `lm_weight`, or with
+    `lm_weight` when given (0: no LM)."""
     if int8 and not str(device).startswith("cpu"):
         raise InputError(f"int8 runs on the CPU only (PyTorch dynamic quantisation), not on "
                          f"device {device}")
@@ -165,6 +166,8 @@ def load_compact_asr(model_dir, search="joint", device="cpu", overrides=None, in
     asr.lm_weight = float(weight or 0.0) if search != "greedy" else 0.0
     if asr.lm_weight > 0:
         asr.lm = load_lm(lm_folder or model_dir, asr.tokenizer).to(asr.device)
+        if int8:
+            quantize_lm_int8(asr.lm)
         if search == "joint":
             attach_lm(asr.mods.decoder, asr.lm, asr.lm_weight)
     return asr

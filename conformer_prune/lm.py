@@ -117,6 +117,20 @@ def load_lm(folder, tokenizer=None):
     return lm.eval()
 
 
+def quantize_lm_int8(lm):
+    """PyTorch's dynamic int8 quantisation of the LM's LSTM and Linear layers, in place (CPU):
+    weights stored as int8, activations quantised per call. The search runs the LM once per
+    step for every hypothesis, so its time is a share of every decode (docs/SPEED.md)."""
+    torch.ao.quantization.quantize_dynamic(lm, {torch.nn.LSTM, torch.nn.Linear},
+                                           dtype=torch.qint8, inplace=True)
+    for module in lm.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.LSTM):
+            # SpeechBrain's LSTM wrapper calls it before each forward; it only arranges cuDNN's
+            # weights, and the quantised LSTM has none to arrange.
+            module.flatten_parameters = lambda: None
+    return lm
+
+
 def check_run_lm(hparams, tokenizer):
     """The LM that a recogniser's YAML asks for (`lm_weight` > 0, from `lm_folder`) is there
     and reads the recogniser's tokens: train.py asks before training, so that a missing LM

@@ -142,3 +142,24 @@ def test_attach_lm_adds_and_removes_the_rnnlm_scorer():
     attach_lm(searcher, lm, 0.0)
     assert LM_SCORER not in scorer.weights and LM_SCORER not in scorer.full_scorers
     assert scorer.weights["ctc"] == 0.4
+
+
+def test_the_int8_lm_scores_close_to_the_float_one_through_speechbrains_scorer(tiny_lm):
+    from speechbrain.decoders.scorer import RNNLMScorer
+
+    from conformer_prune.lm import quantize_lm_int8
+
+    float_lm, int8_lm = load_lm(tiny_lm), quantize_lm_int8(load_lm(tiny_lm))
+    assert any(isinstance(module, torch.ao.nn.quantized.dynamic.LSTM)
+               for module in int8_lm.modules())
+    tokens = torch.tensor([1, 5, 6, 7, 3, 8])
+    scores = {}
+    for name, lm in (("float", float_lm), ("int8", int8_lm)):
+        scorer, memory, steps = RNNLMScorer(lm), None, []
+        for token in tokens:  # the search's steps, the hidden state carried between them
+            log_probs, memory = scorer.score(token.view(1), memory, None, None)
+            steps.append(log_probs[0])
+        scores[name] = torch.stack(steps)
+    assert torch.isfinite(scores["int8"]).all()
+    assert not torch.equal(scores["int8"], scores["float"])  # quantised, not the same model
+    assert (scores["int8"] - scores["float"]).abs().max() < 0.5

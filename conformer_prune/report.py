@@ -91,7 +91,8 @@ def load_run(run_dir) -> dict:
     """One run as a plain dict with checked types; missing fields are None and explained in `notes`.
 
     Keys: dir, name, method, model_kind, seed, params {total, encoder, decoder, ctc}, flops
-    (encoder FLOPs per audio second), rtf, lm_weight (of the search's LM; 0: none), splits
+    (encoder FLOPs per audio second), rtf, lm_weight (of the search's LM; 0: none), ctc_weight
+    and beam_size (of the search; None when results.json does not say), splits
     {split: {wer, cer, rtf}}, kept_fraction,
     history (list of epochs, or None without history.jsonl), notes (list of str).
     """
@@ -117,6 +118,10 @@ def load_run(run_dir) -> dict:
         # 0 for runs decoded before the LM existed: they searched without one
         "lm_weight": _number(_object(results.get("decode"), f"{where}: decode")
                              .get("lm_weight", 0.0), f"{where}: decode.lm_weight"),
+        "ctc_weight": _number(_object(results.get("decode"), f"{where}: decode")
+                              .get("ctc_weight"), f"{where}: decode.ctc_weight"),
+        "beam_size": _number(_object(results.get("decode"), f"{where}: decode")
+                             .get("beam_size"), f"{where}: decode.beam_size"),
         "splits": {split: _split(values, f"{where}: splits.{split}")
                    for split, values in splits.items()},
         "kept_fraction": _number(_object(results.get("gates"), f"{where}: gates")
@@ -288,7 +293,7 @@ def _label_runs(runs: list[dict]) -> None:
     used = set()
     for name, group in groups.items():
         for run in group:
-            tags = [_tag(key, run[key]) for key in ("model_kind", "seed", "lm_weight")
+            tags = [_tag(key, run[key]) for key in ("model_kind", "seed", *SEARCH_KEYS)
                     if len({str(other[key]) for other in group}) > 1]
             if len(group) > 1 and not tags:
                 tags = [run["dir"].name]
@@ -300,8 +305,16 @@ def _label_runs(runs: list[dict]) -> None:
             run["label"] = unique
 
 
+# What a run's search weighed: runs of one recipe that differ in any of these were decoded
+# differently, and are told apart in labels and never averaged together.
+SEARCH_KEYS = ("lm_weight", "ctc_weight", "beam_size")
+_SEARCH_TAGS = {"lm_weight": "LM", "ctc_weight": "CTC", "beam_size": "beam"}
+
+
 def _tag(key: str, value) -> str:
-    return f"LM {value:g}" if key == "lm_weight" else str(value)
+    if key not in _SEARCH_TAGS:
+        return str(value)
+    return f"{_SEARCH_TAGS[key]} {'-' if value is None else format(value, 'g')}"
 
 
 def _all_splits(runs: list[dict]) -> list[str]:
@@ -386,21 +399,23 @@ def _slug(text: str) -> str:
 
 
 def seed_groups(runs: list[dict]) -> list[dict]:
-    """The runs of one recipe (same name, model kind and LM weight of the search) at two or
-    more seeds, one group each: {name, method, model_kind, label, seeds, runs}. A comparison
+    """The runs of one recipe (same name, model kind and search: SEARCH_KEYS) at two or more
+    seeds, one group each: {name, method, model_kind, label, seeds, runs}. A comparison
     between methods is only as good as the spread of each across seeds; the dashboard shows
-    both. Runs decoded with another LM weight are another group, never averaged in."""
+    both. Runs decoded with another LM weight, CTC weight or beam are another group, never
+    averaged in."""
     groups = {}
     for run in runs:
-        groups.setdefault((run["name"], run["model_kind"], run["lm_weight"]), []).append(run)
+        key = (run["name"], run["model_kind"], *(run[k] for k in SEARCH_KEYS))
+        groups.setdefault(key, []).append(run)
     found = []
-    for (name, model_kind, lm_weight), members in groups.items():
+    for (name, model_kind, *search), members in groups.items():
         seeds = sorted({str(run["seed"]) for run in members})
         if len(seeds) < 2:
             continue
         namesakes = [r for r in runs if r["name"] == name]
-        tags = [_tag(key, value) for key, value in (("model_kind", model_kind),
-                                                    ("lm_weight", lm_weight))
+        described = (("model_kind", model_kind), *zip(SEARCH_KEYS, search))
+        tags = [_tag(key, value) for key, value in described
                 if len({str(r[key]) for r in namesakes}) > 1]
         label = f"{name} [{' '.join(tags)}]" if tags else name
         found.append({"name": name, "method": members[0]["method"], "model_kind": model_kind,

@@ -333,6 +333,22 @@ def test_runs_decoded_with_another_lm_weight_are_never_averaged_together(tmp_pat
     assert {"dense [0 LM 0.7]", "dense [1 LM 0]"} <= set(read_csv(tmp_path / "out" / "runs.csv"))
 
 
+def test_runs_searched_with_another_ctc_weight_or_beam_are_never_averaged_together(tmp_path):
+    # A YAML's search settings changed between two decodes of the same recipe (session 11).
+    runs = tmp_path / "runs"
+    searches = [(0.4, 8), (0.4, 8), (0.8, 8), (0.8, 8), (0.8, 16), (0.8, 16)]
+    for i, (ctc_weight, beam) in enumerate(searches):
+        result = results("dense", "dense", "dense", 1_000_000, 30.0 + i, None)
+        result["decode"].update(ctc_weight=ctc_weight, beam_size=beam, lm_weight=1.0)
+        write_run(runs / f"ctc{ctc_weight}_beam{beam}" / str(i % 2), {**result, "seed": i % 2})
+    write_report([runs], tmp_path / "out")
+    table = (tmp_path / "out" / "seeds.md").read_text()
+    assert "| dense [CTC 0.4 beam 8] | dense | 2 | 600,000 | 30.50 ± 0.71 (2) |" in table
+    assert "| dense [CTC 0.8 beam 8] | dense | 2 | 600,000 | 32.50 ± 0.71 (2) |" in table
+    assert "| dense [CTC 0.8 beam 16] | dense | 2 | 600,000 | 34.50 ± 0.71 (2) |" in table
+    assert "dense [0 CTC 0.4 beam 8]" in set(read_csv(tmp_path / "out" / "runs.csv"))
+
+
 def test_spread_of_one_value_and_of_none():
     from conformer_prune.report import spread
 

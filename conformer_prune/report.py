@@ -102,6 +102,7 @@ def load_run(run_dir) -> dict:
     where = str(path)
     params = _object(results.get("params"), f"{where}: params")
     splits = _object(results.get("splits"), f"{where}: splits")
+    decode = _object(results.get("decode"), f"{where}: decode")
     run = {
         "dir": run_dir,
         "name": str(results.get("name") or run_dir.name),
@@ -113,15 +114,11 @@ def load_run(run_dir) -> dict:
         "flops": _number(_object(results.get("flops_per_audio_second"),
                                  f"{where}: flops_per_audio_second").get("encoder"),
                          f"{where}: flops_per_audio_second.encoder"),
-        "rtf": _number(_object(results.get("decode"), f"{where}: decode").get("rtf"),
-                       f"{where}: decode.rtf"),
+        "rtf": _number(decode.get("rtf"), f"{where}: decode.rtf"),
         # 0 for runs decoded before the LM existed: they searched without one
-        "lm_weight": _number(_object(results.get("decode"), f"{where}: decode")
-                             .get("lm_weight", 0.0), f"{where}: decode.lm_weight"),
-        "ctc_weight": _number(_object(results.get("decode"), f"{where}: decode")
-                              .get("ctc_weight"), f"{where}: decode.ctc_weight"),
-        "beam_size": _number(_object(results.get("decode"), f"{where}: decode")
-                             .get("beam_size"), f"{where}: decode.beam_size"),
+        "lm_weight": _number(decode.get("lm_weight", 0.0), f"{where}: decode.lm_weight"),
+        "ctc_weight": _number(decode.get("ctc_weight"), f"{where}: decode.ctc_weight"),
+        "beam_size": _number(decode.get("beam_size"), f"{where}: decode.beam_size"),
         "splits": {split: _split(values, f"{where}: splits.{split}")
                    for split, values in splits.items()},
         "kept_fraction": _number(_object(results.get("gates"), f"{where}: gates")

@@ -23,13 +23,14 @@ is_done() {
     esac
 }
 
-# log_start LOG ARGUMENT...: a line that starts train.py's part of LOG. Logs are appended to, so
-# that a resumed run (killed, or decoded again with other search settings) keeps what its
-# earlier attempts said.
-log_start() {
+# run_train LOG ARGUMENT...: python train.py ARGUMENT..., its output appended to LOG after a line
+# with the date and the command, so that a resumed run (killed, or decoded again with other
+# search settings) keeps what its earlier attempts said.
+run_train() {
     local log=$1
     shift
     echo "=== $(date '+%F %T') python train.py $*" >> "$log"
+    python train.py "$@" >> "$log" 2>&1
 }
 
 # train_lm: the character LM every mini recogniser decodes with (their lm_folder), trained on
@@ -58,8 +59,7 @@ train_side_by_side() {
             continue
         fi
         echo "training $yaml -> $run (log: results/$name.log)"
-        log_start "results/$name.log" "$yaml" --data_folder "$CORPUS" --seed "$SEED"
-        python train.py "$yaml" --data_folder "$CORPUS" --seed "$SEED" >> "results/$name.log" 2>&1 &
+        run_train "results/$name.log" "$yaml" --data_folder "$CORPUS" --seed "$SEED" &
         pids+=($!); logs+=("results/$name.log")
     done
     local i failed=0
@@ -118,10 +118,8 @@ train_queue() {
         log=results/${words[2]}_${words[0]}.log
         while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
         echo "training ${words[1]} -> $run (log: $log)"
-        log_start "$log" "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
-            --experiment_name "${words[2]}" "${words[@]:3}"
-        python train.py "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
-            --experiment_name "${words[2]}" "${words[@]:3}" >> "$log" 2>&1 &
+        run_train "$log" "${words[1]}" --data_folder "$CORPUS" --seed "${words[0]}" \
+            --experiment_name "${words[2]}" "${words[@]:3}" &
     done
     wait || true
     for spec in "$@"; do

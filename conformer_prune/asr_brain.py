@@ -19,6 +19,7 @@ from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
+from speechbrain.nnet.schedulers import WarmCoolDecayLRSchedule
 from speechbrain.utils.distributed import if_main_process
 
 from conformer_prune.errors import InputError
@@ -332,12 +333,21 @@ class ASRBrain(EpochSamplerBrain):
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
-            self.hparams.lr_annealing(self.optimizer)
+            self._anneal_lr()
             self.method.after_step(self.plain_modules, self.training_progress())
         if self.progress_lines is not None:
             self.progress_lines.postfix = (f"train loss {self.avg_train_loss:.3f} "
                                            f"(step {self.optimizer_step})")
             self.progress_lines.update()
+
+    def _anneal_lr(self):
+        """Noam keeps its own update count; SpeechBrain's schedules with a cool-down
+        (WarmCoolDecayLRSchedule) are told the number of updates done."""
+        schedule = self.hparams.lr_annealing
+        if isinstance(schedule, WarmCoolDecayLRSchedule):
+            schedule(self.optimizer, self.optimizer_step)
+        else:
+            schedule(self.optimizer)
 
     def _end_test(self, stage_loss):
         rates = error_rates(self.references, self.beam_hyps)
@@ -440,6 +450,13 @@ def init_progress_clock(brain, train_data, hparams):
     brain.total_train_steps = hparams["number_of_epochs"] * max(
         1, batches // hparams.get("grad_accumulation_factor", 1)
     )
+    schedule = hparams["lr_annealing"]
+    if isinstance(schedule, WarmCoolDecayLRSchedule):
+        # SpeechBrain's schedule counts updates; the YAML gives its cool-down as a fraction of
+        # the run (`lr_cooldown`), so it follows number_of_epochs and the corpus. A resumed
+        # run gets the checkpoint's counts back from the schedule's own loader.
+        schedule.total_steps = brain.total_train_steps
+        schedule.cooldown = round(hparams["lr_cooldown"] * brain.total_train_steps)
 
 
 # ----- data --------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 
-from conformer_prune.asr_brain import ASRBrain, attach_method, load_tokenizer, train_tokenizer
+from conformer_prune.asr_brain import (
+    ASRBrain,
+    attach_method,
+    init_progress_clock,
+    load_tokenizer,
+    train_tokenizer,
+)
 from conformer_prune.gates import iter_gates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +106,26 @@ def test_regulariser_clock_advances_with_optimizer_steps(tmp_path):
     assert brain.training_progress() == pytest.approx(0.5)
     brain.optimizer_step = 50
     assert brain.training_progress() == 1.0
+
+
+def test_lr_cools_down_to_zero_over_the_yaml_share_of_the_run(tmp_path):
+    hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, warmup_steps=4, number_of_epochs=3)
+    hparams["train_dataloader_opts"] = {"batch_size": 2}
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams)
+    init_progress_clock(brain, list(range(20)), hparams)  # 10 updates an epoch, 30 in all
+    schedule = hparams["lr_annealing"]
+    assert (schedule.total_steps, schedule.cooldown) == (30, round(30 * hparams["lr_cooldown"]))
+    brain.init_optimizers()
+    lrs = []
+    for update in range(1, 31):
+        brain.optimizer_step = update
+        brain._anneal_lr()
+        lrs.append(brain.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(hparams["lr"] / 4)  # warm-up
+    assert lrs[3] == pytest.approx(hparams["lr"])  # the peak, at the end of the warm-up
+    cooling = lrs[30 - schedule.cooldown:]
+    assert all(later < earlier for earlier, later in zip(cooling, cooling[1:]))
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_augmentation_can_be_switched_off_in_yaml(tmp_path):

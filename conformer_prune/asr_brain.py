@@ -455,8 +455,12 @@ def init_progress_clock(brain, train_data, hparams):
         # SpeechBrain's schedule counts updates; the YAML gives its cool-down as a fraction of
         # the run (`lr_cooldown`), so it follows number_of_epochs and the corpus. A resumed
         # run gets the checkpoint's counts back from the schedule's own loader.
-        schedule.total_steps = brain.total_train_steps
-        schedule.cooldown = round(hparams["lr_cooldown"] * brain.total_train_steps)
+        # The cool-down never starts inside the warm-up: SpeechBrain's schedule would jump
+        # from the warm-up's small rate to the cool-down's large one (a run of few updates).
+        total = brain.total_train_steps
+        schedule.total_steps = total
+        schedule.cooldown = min(round(hparams["lr_cooldown"] * total),
+                                max(0, total - schedule.warmup))
 
 
 # ----- data --------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ def test_lr_cools_down_to_zero_over_the_yaml_share_of_the_run(tmp_path):
     assert all(later < earlier for earlier, later in zip(cooling, cooling[1:]))
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
+    hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, warmup_steps=25, number_of_epochs=3)
+    hparams["train_dataloader_opts"] = {"batch_size": 2}
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams)
+    init_progress_clock(brain, list(range(20)), hparams)
+    assert hparams["lr_annealing"].cooldown == 5  # starts where the warm-up ends, not inside it
+
 
 def test_augmentation_can_be_switched_off_in_yaml(tmp_path):
     hparams = load_yaml("mini/conformer_dense.yaml", tmp_path)  # the mini recipe has none

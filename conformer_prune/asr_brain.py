@@ -342,10 +342,12 @@ class ASRBrain(EpochSamplerBrain):
 
     def _anneal_lr(self):
         """Noam keeps its own update count; SpeechBrain's schedules with a cool-down
-        (WarmCoolDecayLRSchedule) are told the number of updates done."""
+        (WarmCoolDecayLRSchedule) are told the number of updates done, at most their total:
+        past it (a run resumed with more epochs keeps its checkpoint's total) SpeechBrain's
+        line would go below 0, and a negative rate climbs the loss."""
         schedule = self.hparams.lr_annealing
         if isinstance(schedule, WarmCoolDecayLRSchedule):
-            schedule(self.optimizer, self.optimizer_step)
+            schedule(self.optimizer, min(self.optimizer_step, schedule.total_steps))
         else:
             schedule(self.optimizer)
 

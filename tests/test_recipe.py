@@ -126,6 +126,9 @@ def test_lr_cools_down_to_zero_over_the_yaml_share_of_the_run(tmp_path):
     cooling = lrs[30 - schedule.cooldown:]
     assert all(later < earlier for earlier, later in zip(cooling, cooling[1:]))
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    brain.optimizer_step = 31  # past the end (a run resumed with more epochs): 0, not below
+    brain._anneal_lr()
+    assert brain.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
     hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, warmup_steps=25, number_of_epochs=3)
     hparams["train_dataloader_opts"] = {"batch_size": 2}

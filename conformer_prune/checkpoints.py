@@ -161,16 +161,38 @@ def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
 
 
 def _values_by_key(yaml_text):
-    """{top-level key: its lines}, with whole-line comments and blank lines left out."""
+    """{top-level key: its lines}, with comments (whole-line and inline) and blank lines left
+    out."""
     # Text, not a parse: loading the YAML would build the model and every object it declares.
     values, key = {}, None
     for line in yaml_text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
+        line = _without_comment(line)
+        if not line.strip():
             continue
         if not line[0].isspace() and ":" in line:
             key = line.split(":", 1)[0].strip()
-        values.setdefault(key, []).append(line.rstrip())
+        values.setdefault(key, []).append(line)
     return values
+
+
+def _without_comment(line):
+    """The line up to its comment: YAML's `#` at the start or after white space, outside a
+    quoted scalar (a quote opens one only where a scalar can start, so `it's` opens none)."""
+    quote, escaped = None, False
+    for index, char in enumerate(line):
+        before = line[index - 1] if index else " "
+        if escaped:  # the second quote of '' inside a single-quoted scalar
+            escaped = False
+        elif quote:
+            if char == quote == "'" and line[index + 1:index + 2] == "'":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "'\"" and before in " :[{,-":
+            quote = char
+        elif char == "#" and before.isspace():
+            return line[:index].rstrip()
+    return line.rstrip()
 
 
 def check_same_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):

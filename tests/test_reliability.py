@@ -451,3 +451,18 @@ def test_changed_hparams_pins_the_free_keys_and_ignores_keys_the_run_did_not_hav
     assert changed_hparams(run, yaml, "") == []
     assert changed_hparams(run, yaml, "lr: 0.2") == ["lr"]
     assert changed_hparams(tmp_path / "new_run", yaml, "lr: 0.2") == []
+    # A comment edited, or added to a line, changes no value
+    yaml.write_text(yaml.read_text().replace("# a comment", "# another").replace(
+        "data_folder: a", "data_folder: a  # new"))
+    assert changed_hparams(run, yaml, "") == []
+
+
+def test_comments_are_cut_where_yaml_cuts_them():
+    from conformer_prune.checkpoints import _without_comment
+
+    assert _without_comment("lr: 0.1  # peak") == "lr: 0.1"
+    assert _without_comment("    cooldown: 0 # set later") == "    cooldown: 0"
+    assert _without_comment('name: "a # b"  # c') == 'name: "a # b"'
+    assert _without_comment("key: 'it''s # x' # c") == "key: 'it''s # x'"
+    assert _without_comment("note: it's a#b # c") == "note: it's a#b"
+    assert _without_comment("# whole line") == ""

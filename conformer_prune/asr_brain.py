@@ -18,8 +18,8 @@ import torch
 from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.decoders.ctc import ctc_greedy_decode
-from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.nnet.schedulers import WarmCoolDecayLRSchedule
+from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process
 
 from conformer_prune.errors import InputError

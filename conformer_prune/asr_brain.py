@@ -267,6 +267,7 @@ class ASRBrain(EpochSamplerBrain):
 
     def _end_valid_epoch(self, stage_loss, epoch):
         rates = error_rates(self.references, self.greedy_hyps)
+        self.method.after_validation(self.plain_modules, self.training_progress(), rates)
         valid_stats = {"loss": stage_loss, "WER": rates["wer"], "CER": rates["cer"]}
         lr = self.optimizer.param_groups[0]["lr"]
         entry = {

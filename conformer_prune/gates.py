@@ -73,6 +73,9 @@ class AdaptiveDropout(nn.Module):
         self.threshold = threshold
         # Parameters one unit controls; the gated module that owns the gate sets it.
         self.unit_cost = 1.0
+        # Quiet: training passes every unit (mask 1, no noise), as evaluation does at the start
+        # (the method sets it: AdaptiveDropoutMethod's quiet start).
+        self.quiet = False
         self.logits = nn.Parameter(torch.full((units,), logit(init_retention)))
 
     def retention(self):
@@ -91,6 +94,8 @@ class AdaptiveDropout(nn.Module):
         """The mask to multiply with: (batch_size, units) in training, (units,) in evaluation."""
         if not self.training:
             return self.keep_mask().to(self.logits.dtype)
+        if self.quiet:
+            return torch.ones(self.units, dtype=self.logits.dtype, device=self.logits.device)
         # Noise in float32 even for half-precision logits, where 1 - _EPS would round to 1.
         u = torch.rand(batch_size, self.units, device=self.logits.device).clamp(_EPS, 1.0 - _EPS)
         noise = torch.log(u) - torch.log1p(-u)

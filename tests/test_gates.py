@@ -426,3 +426,83 @@ asr_modules: !apply:conformer_prune.gated_conformer.insert_gates
     gates = list(iter_gates(hparams["asr_modules"]))
     assert len(gates) == 3
     assert all(abs(float(g.retention().detach()[0]) - 0.9) < 1e-6 for _, g in gates)
+
+
+# ------------------------------------------------------------------------ start on learning
+
+
+def adrop_method(**start):
+    from conformer_prune.methods.adaptive_dropout import AdaptiveDropoutMethod
+
+    schedule = TargetSchedule("linear", 3.0, -4.0, span=0.45, delay=0.15)
+    regulariser = RetentionRegulariser(1.0, schedule, keep_target=6.0)
+    method = AdaptiveDropoutMethod(regulariser, torch.optim.Adam, **start)
+    method.modules = method.attach({"asr": tiny_modules()})
+    return method
+
+
+def test_a_quiet_gate_passes_every_unit_in_training_only():
+    gate = AdaptiveDropout(6, init_retention=0.6).train()
+    gate.quiet = True
+    assert torch.equal(gate(torch.full((2, 3, 6), 2.0)), torch.full((2, 3, 6), 2.0))
+    gate.logits.data[:2] = -5.0
+    assert gate.eval().keep_mask().sum() == 4  # evaluation keeps its threshold rule
+
+
+def test_without_start_on_learning_the_clock_is_the_step_count():
+    method = adrop_method()
+    assert [method.schedule_progress(p) for p in (0.1, 0.5, 0.9)] == [0.1, 0.5, 0.9]
+    method.after_validation(None, 0.25, {"cer": 1.0, "wer": 1.0})
+    assert method.fall_start is None and not method.quiet
+
+
+def test_start_on_learning_holds_the_target_until_the_dev_cer_says_so():
+    method = adrop_method(start_below_cer=60, quiet_before_start=True)
+    gates = method._gates
+    assert method.quiet and all(g.quiet for g in gates)
+    assert method.schedule_progress(0.3) == 0.15  # held at the schedule's delay
+    method.after_validation(None, 0.25, {"cer": 70.0, "wer": 99.0})
+    assert method.fall_start is None and all(g.quiet for g in gates)
+    method.after_validation(None, 0.375, {"cer": 59.0, "wer": 90.0})
+    assert method.fall_start == 0.375 and not any(g.quiet for g in gates)
+    assert method.schedule_progress(0.375) == pytest.approx(0.15)
+    assert method.schedule_progress(1.0) == pytest.approx(1.0)  # the end is the end of training
+    # the fall (0.45 of the schedule) now takes 0.45 * 0.625 / 0.85 of training
+    ends = 0.375 + 0.45 * 0.625 / 0.85
+    assert method.schedule_progress(ends) == pytest.approx(0.6)
+    assert method.regulariser.schedule.fall_ended(method.schedule_progress(ends + 1e-6))
+
+
+def test_start_on_learning_starts_at_start_latest_when_the_model_never_learns():
+    method = adrop_method(start_below_cer=60, start_latest=0.5, quiet_before_start=True)
+    method.after_validation(None, 0.375, {"cer": 80.0, "wer": 100.0})
+    assert method.schedule_progress(0.49) == 0.15 and method.quiet
+    method.penalty(method.modules, 0.5)
+    assert not method.quiet
+    assert method.schedule_progress(0.75) == pytest.approx(0.15 + 0.25 * 0.85 / 0.5)
+    method.after_validation(None, 0.625, {"cer": 10.0, "wer": 20.0})
+    assert method.fall_start is None  # too late to count: the clock started at start_latest
+
+
+def test_start_on_learning_resumes_where_it_was():
+    method = adrop_method(start_below_cer=60, quiet_before_start=True)
+    method.after_validation(None, 0.25, {"cer": 50.0, "wer": 80.0})
+    resumed = adrop_method(start_below_cer=60, quiet_before_start=True)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.fall_start == 0.25 and not any(g.quiet for g in resumed._gates)
+    assert resumed.schedule_progress(0.6) == method.schedule_progress(0.6)
+    old_checkpoint = {"alpha": 1.0, "calls": 3}  # written before start on learning existed
+    resumed.load_state_dict(old_checkpoint)
+    assert resumed.fall_start is None
+
+
+@pytest.mark.parametrize("bad, key", [
+    (dict(start_below_cer=0), "gate_start_below_cer"),
+    (dict(start_below_cer=60, start_latest=0.1), "gate_start_latest"),
+    (dict(quiet_before_start=True), "gate_quiet_before_start"),
+])
+def test_start_on_learning_settings_are_checked(bad, key):
+    from conformer_prune.errors import InputError
+
+    with pytest.raises(InputError, match=key):
+        adrop_method(**bad)

@@ -14,6 +14,10 @@ The training Brain calls these hooks and nothing else of a method:
     after_optimizer_step(modules, progress)
                                     right after the model optimiser's step, gradients still
                                     in .grad (gradient-based importance scores, masking).
+    after_validation(modules, progress, rates)
+                                    after every epoch's dev pass, before its checkpoint:
+                                    rates = {"wer", "cer"} of greedy CTC on the dev set (every
+                                    rank validates the whole set, so all decide alike).
     keep_masks(modules)             what the method hands over to the shrink:
                                     {(layer, site): bool mask} (sites.py), or None.
     epoch_summary(modules, progress) extra fields of the epoch's history.jsonl line.
@@ -61,6 +65,9 @@ class PruningMethod:
     def after_optimizer_step(self, modules, progress):
         """Right after the model optimiser's step, while `.grad` still holds the step's
         (clipped) gradients: where importance scores that read gradients are updated."""
+        return None
+
+    def after_validation(self, modules, progress, rates):
         return None
 
     def keep_masks(self, modules):

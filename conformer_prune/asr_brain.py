@@ -345,10 +345,13 @@ class ASRBrain(EpochSamplerBrain):
         """Noam keeps its own update count; SpeechBrain's schedules with a cool-down
         (WarmCoolDecayLRSchedule) are told the number of updates done, at most their total:
         past it (a run resumed with more epochs keeps its checkpoint's total) SpeechBrain's
-        line would go below 0, and a negative rate climbs the loss."""
+        line would go below 0, and a negative rate climbs the loss. At the last update its
+        `base - (base / n) * n` can round to -2e-19, so the rate is held at 0 or above."""
         schedule = self.hparams.lr_annealing
         if isinstance(schedule, WarmCoolDecayLRSchedule):
             schedule(self.optimizer, min(self.optimizer_step, schedule.total_steps))
+            for group in self.optimizer.param_groups:
+                group["lr"] = max(0.0, group["lr"])
         else:
             schedule(self.optimizer)
 

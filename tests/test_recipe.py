@@ -136,6 +136,17 @@ def test_lr_cools_down_to_zero_over_the_yaml_share_of_the_run(tmp_path):
     init_progress_clock(brain, list(range(20)), hparams)
     assert hparams["lr_annealing"].cooldown == 5  # starts where the warm-up ends, not inside it
 
+    # 65 updates, cool-down 26: SpeechBrain's line ends at -2e-19 there, the rate at 0
+    hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, warmup_steps=4, number_of_epochs=5)
+    hparams["train_dataloader_opts"] = {"batch_size": 2}
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams)
+    init_progress_clock(brain, list(range(26)), hparams)
+    assert (hparams["lr_annealing"].total_steps, hparams["lr_annealing"].cooldown) == (65, 26)
+    brain.init_optimizers()
+    brain.optimizer_step = 65
+    brain._anneal_lr()
+    assert brain.optimizer.param_groups[0]["lr"] == 0.0
+
 
 def test_augmentation_can_be_switched_off_in_yaml(tmp_path):
     hparams = load_yaml("mini/conformer_dense.yaml", tmp_path)  # the mini recipe has none

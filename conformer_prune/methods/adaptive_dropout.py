@@ -41,7 +41,8 @@ class AdaptiveDropoutMethod(PruningMethod):
         `start_latest` of training; from there the rest of the schedule (fall, then commit
         phase) runs on the training left, compressed to fit. None: the schedule runs on the
         step count alone. Why: a seed that is slow to leave CTC's blank plateau had its gates
-        closed on a model that had learned nothing yet, and lost its WER (docs/TRAINING.md).
+        closed on a model that had learned nothing yet, and lost its WER. Measured on that seed
+        of the mini recipe, it did not win the WER back (docs/TRAINING.md, session 13).
     start_latest : float
         The latest progress at which the fall starts, learned or not (the budget must be met).
     quiet_before_start : bool

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from conformer_prune.errors import InputError
 from conformer_prune.gated_conformer import (
     gate_summary,
     insert_gates,
@@ -21,6 +22,7 @@ from conformer_prune.gates import (
     logit,
     retention_distribution,
 )
+from conformer_prune.methods.adaptive_dropout import AdaptiveDropoutMethod
 from conformer_prune.model import build_asr_modules, count_params, param_state
 from tiny import TINY_ARCH
 
@@ -239,8 +241,6 @@ def test_budget_commit_lands_on_the_budget_in_real_parameters():
 
 
 def test_a_budget_the_model_already_fits_is_a_clear_error():
-    from conformer_prune.errors import InputError
-
     gated = insert_gates(tiny_modules())
     regulariser = RetentionRegulariser(1.0, TargetSchedule(), target_params=1850000)
     with pytest.raises(InputError, match="gate_target_params: 1850000 is not below"):
@@ -432,8 +432,6 @@ asr_modules: !apply:conformer_prune.gated_conformer.insert_gates
 
 
 def adrop_method(**start):
-    from conformer_prune.methods.adaptive_dropout import AdaptiveDropoutMethod
-
     schedule = TargetSchedule("linear", 3.0, -4.0, span=0.45, delay=0.15)
     regulariser = RetentionRegulariser(1.0, schedule, keep_target=6.0)
     method = AdaptiveDropoutMethod(regulariser, torch.optim.Adam, **start)
@@ -502,7 +500,5 @@ def test_start_on_learning_resumes_where_it_was():
     (dict(quiet_before_start=True), "gate_quiet_before_start"),
 ])
 def test_start_on_learning_settings_are_checked(bad, key):
-    from conformer_prune.errors import InputError
-
     with pytest.raises(InputError, match=key):
         adrop_method(**bad)

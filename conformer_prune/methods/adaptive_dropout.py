@@ -91,7 +91,11 @@ class AdaptiveDropoutMethod(PruningMethod):
                 and progress < self.start_latest)
 
     def _set_quiet(self, progress=0.0):
-        self._quiet_gates(self.quiet_before_start and self._waiting(progress))
+        """Quiet gates while waiting (with quiet_before_start); the gates are touched only
+        when that changes, since penalty() asks on every training step."""
+        quiet = self.quiet_before_start and self._waiting(progress)
+        if quiet != self.quiet:
+            self._quiet_gates(quiet)
 
     def _quiet_gates(self, quiet):
         self.quiet = quiet

@@ -87,18 +87,41 @@ class ASRBrain(EpochSamplerBrain):
             tokens_bos = fea_augment.replicate_labels(tokens_bos)
 
         # One call through the model (and its DDP wrapper under torchrun): see ConformerASR.
-        enc_out, ctc_logits, seq_logits = self.modules.asr(
-            feats, tokens_bos, wav_lens, pad_idx=self.hparams.pad_index)
+        inter_layers = self._inter_ctc_layers(stage)
+        enc_out, ctc_logits, seq_logits, *inter_logits = self.modules.asr(
+            feats, tokens_bos, wav_lens, pad_idx=self.hparams.pad_index,
+            inter_ctc_layers=inter_layers)
         p_ctc = self.hparams.log_softmax(ctc_logits)
         p_seq = self.hparams.log_softmax(seq_logits)
+        p_inter = [self.hparams.log_softmax(logits) for logits in inter_logits[0]] \
+            if inter_logits else []
 
         hyps = None
         if stage == sb.Stage.TEST:
             hyps, _, _, _ = self.hparams.test_search(enc_out.detach(), wav_lens)
-        return p_ctc, p_seq, wav_lens, hyps
+        return p_ctc, p_seq, wav_lens, hyps, p_inter
+
+    def _inter_ctc_layers(self, stage):
+        """The encoder layers whose outputs get a CTC loss of their own in training
+        (`inter_ctc_layers` of the YAML; none when it declares none). Only the training loss
+        uses them, so evaluation does not compute them."""
+        if stage != sb.Stage.TRAIN or not getattr(self.hparams, "inter_ctc_weight", 0):
+            return ()
+        return tuple(getattr(self.hparams, "inter_ctc_layers", None) or ())
+
+    def _ctc_loss(self, p_ctc, p_inter, tokens, wav_lens, tokens_lens):
+        """The CTC loss of the encoder output, mixed with the mean of the intermediate layers'
+        CTC losses by `inter_ctc_weight` when there are any (ESPnet's interctc_weight)."""
+        loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
+        if not p_inter:
+            return loss
+        inter = sum(self.hparams.ctc_cost(p, tokens, wav_lens, tokens_lens).sum()
+                    for p in p_inter) / len(p_inter)
+        weight = self.hparams.inter_ctc_weight
+        return (1 - weight) * loss + weight * inter
 
     def compute_objectives(self, predictions, batch, stage):
-        p_ctc, p_seq, wav_lens, hyps = predictions
+        p_ctc, p_seq, wav_lens, hyps, p_inter = predictions
         tokens_eos, tokens_eos_lens = batch.tokens_eos
         tokens, tokens_lens = batch.tokens
         # Augmenters that add copies of the batch need the labels copied to match.
@@ -110,7 +133,7 @@ class ASRBrain(EpochSamplerBrain):
                 tokens_lens = augment.replicate_labels(tokens_lens)
 
         loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens).sum()
-        loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
+        loss_ctc = self._ctc_loss(p_ctc, p_inter, tokens, wav_lens, tokens_lens)
         loss = self.hparams.ctc_weight * loss_ctc + (1 - self.hparams.ctc_weight) * loss_seq
 
         if stage == sb.Stage.TRAIN:

@@ -91,11 +91,33 @@ class ConformerASR(torch.nn.ModuleDict):
         # dict is loaded, SpeechBrain's Pretrainer included.
         self._register_load_state_dict_pre_hook(_dense_entries)
 
-    def forward(self, feats, tokens_bos, wav_lens, pad_idx=0):
-        """Encoder output, CTC logits and decoder logits (teacher forcing on tokens_bos)."""
-        enc_out, dec_out = self["Transformer"](self["CNN"](feats), tokens_bos, wav_lens,
-                                               pad_idx=pad_idx)
-        return enc_out, self["ctc_lin"](enc_out), self["seq_lin"](dec_out)
+    def forward(self, feats, tokens_bos, wav_lens, pad_idx=0, inter_ctc_layers=()):
+        """Encoder output, CTC logits and decoder logits (teacher forcing on tokens_bos).
+
+        With `inter_ctc_layers` (encoder layer numbers, 1 = the first), a fourth value: the CTC
+        logits of each of those layers' outputs, through the encoder's final LayerNorm and the
+        shared CTC head (Intermediate CTC, Lee and Watanabe 2021; ESPnet does the same). The
+        layers' outputs are caught with forward hooks, inside this one call, so DDP sees them.
+        """
+        encoder = self["Transformer"].encoder
+        for number in inter_ctc_layers:
+            if not 1 <= number <= len(encoder.layers):
+                raise ValueError(f"inter_ctc_layers: {number} is not an encoder layer "
+                                 f"(1 to {len(encoder.layers)})")
+        caught = []
+        hooks = [encoder.layers[number - 1].register_forward_hook(
+                     lambda module, args, output: caught.append(output[0]))
+                 for number in inter_ctc_layers]
+        try:
+            enc_out, dec_out = self["Transformer"](self["CNN"](feats), tokens_bos, wav_lens,
+                                                   pad_idx=pad_idx)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        outputs = (enc_out, self["ctc_lin"](enc_out), self["seq_lin"](dec_out))
+        if not inter_ctc_layers:
+            return outputs
+        return outputs + ([self["ctc_lin"](encoder.norm(hidden)) for hidden in caught],)
 
 
 def build_from_arch(arch):

@@ -18,6 +18,7 @@ from conformer_prune.asr_brain import (
     train_tokenizer,
 )
 from conformer_prune.gates import iter_gates
+from conformer_prune.model import build_asr_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +154,43 @@ def test_augmentation_can_be_switched_off_in_yaml(tmp_path):
     brain, loss = one_training_step(hparams)
     assert brain._augmenters(sb.Stage.TRAIN) == (None, None)
     assert math.isfinite(loss.item())
+
+
+def test_intermediate_ctc_adds_a_loss_on_its_layer_in_training_only(tmp_path):
+    def step(inter_weight, ctc_weight=0.7):
+        torch.manual_seed(0)
+        hparams = load_yaml("mini/conformer_dense.yaml", tmp_path, inter_ctc_layers=[2],
+                            inter_ctc_weight=inter_weight, ctc_weight=ctc_weight)
+        brain, loss = one_training_step(hparams)
+        return brain, loss, hparams["modules"]["asr"].Transformer.encoder
+
+    brain, plain, _ = step(0.0)
+    assert brain._inter_ctc_layers(sb.Stage.TRAIN) == ()
+    brain, mixed, _ = step(0.5)
+    assert brain._inter_ctc_layers(sb.Stage.TRAIN) == (2,)
+    assert brain._inter_ctc_layers(sb.Stage.VALID) == ()  # evaluation does not compute it
+    assert math.isfinite(mixed.item()) and mixed.item() != pytest.approx(plain.item())
+    # All of the loss on layer 2's CTC: layer 2 learns, the layers above it get nothing.
+    brain, _, encoder = step(1.0, ctc_weight=1.0)
+    assert encoder.layers[1].ffn_module2[1].ffn[0].weight.grad.abs().sum() > 0
+    above = encoder.layers[-1].ffn_module2[1].ffn[0].weight.grad
+    assert above is None or not above.any()
+    assert not encoder.layers[1]._forward_hooks  # the hooks are gone after the forward
+
+
+def test_intermediate_ctc_of_the_last_layer_is_the_ctc_output_and_bad_layers_are_refused():
+    torch.manual_seed(0)
+    model = build_asr_modules(32, d_model=48, nhead=4, num_encoder_layers=3,
+                              num_decoder_layers=1, d_ffn=64, kernel_size=5, cnn_channels=(8, 8))
+    model.eval()
+    feats, tokens, lens = torch.randn(2, 50, 80), torch.randint(3, 30, (2, 7)), torch.ones(2)
+    enc_out, ctc_logits, seq_logits, inter = model(feats, tokens, lens, inter_ctc_layers=(1, 3))
+    assert len(inter) == 2 and inter[0].shape == ctc_logits.shape
+    assert torch.allclose(inter[1], ctc_logits, atol=1e-6)  # in the order the layers run
+    assert len(model(feats, tokens, lens)) == 3
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="not an encoder layer"):
+            model(feats, tokens, lens, inter_ctc_layers=(bad,))
 
 
 def test_tokenizer_with_more_pieces_than_outputs_is_refused(tmp_path):

@@ -34,10 +34,11 @@ from conformer_prune.asr_brain import (
 from conformer_prune.checkpoints import FREE_ON_RESUME, check_same_hparams
 from conformer_prune.errors import InputError, print_input_error
 from conformer_prune.lm import attach_lm, check_run_lm, run_lm
-from conformer_prune.model import count_params
+from conformer_prune.model import count_params, inter_ctc_problem
 from conformer_prune.prepare import prepare_librispeech
 from conformer_prune.ranks import compare_ranks
 from conformer_prune.scoring import git_commit, hparams_sha256, write_results
+from conformer_prune.sites import encoder_layers
 
 
 def main(argv):
@@ -55,6 +56,7 @@ def main(argv):
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     torch.set_num_threads(hparams.get("num_threads") or torch.get_num_threads())
+    check_inter_ctc(hparams, hparams_file)  # a bad layer stops the run now, not at its first step
     saved_hparams = Path(hparams["output_folder"]) / "hyperparams.yaml"
     test_only = run_opts.get("test_only")
     if not test_only:
@@ -114,6 +116,16 @@ def main(argv):
                     Path(hparams["valid_csv"]).stem: valid_data, **test_datasets}
         write_run_results(hparams, brain, splits, decode, data_summary(hparams, datasets),
                           ranks)
+
+
+def check_inter_ctc(hparams, hparams_file):
+    """Refuses intermediate CTC layers that the model's encoder does not have."""
+    if not hparams.get("inter_ctc_weight"):
+        return
+    layers = hparams.get("inter_ctc_layers") or []
+    problem = inter_ctc_problem(layers, len(encoder_layers(hparams["modules"]["asr"])))
+    if problem:
+        raise InputError(f"{hparams_file}: {problem}")
 
 
 def params_of_saved_model(brain):

@@ -134,6 +134,9 @@ DECODE_KEYS = ("test_beam_size", "ctc_weight_decode", "lm_weight", "lm_folder", 
 FREE_ON_RESUME = (*FREE_KEYS, "number_of_epochs", *DECODE_KEYS)
 # check-run's exit status for a run trained as asked but decoded with other search settings.
 DECODED_OTHERWISE = 3
+# Keys added to the YAMLs with a value that changes training, and the value that gives what the
+# code did before them: a run folder whose saved file lacks one was trained with that value.
+ADDED_WITH_NEW_BEHAVIOUR = {"inter_ctc_weight": 0.0}
 
 
 def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
@@ -143,7 +146,9 @@ def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
     count, nor do the `free` keys: they take their saved values before the YAML is resolved,
     since other keys refer to them (epoch_counter's limit is `!ref <number_of_epochs>`). Nor do
     keys the saved file lacks: a YAML that gained a key (declared with the behaviour the code
-    had without it, such as `augment_from_epoch: 1`) still describes its earlier runs.
+    had without it, such as `augment_from_epoch: 1`) still describes its earlier runs; except
+    the keys of ADDED_WITH_NEW_BEHAVIOUR, which count as changed when their value now differs
+    from the one the earlier runs had.
     """
     saved = Path(output_folder) / "hyperparams.yaml"
     if not saved.is_file():
@@ -156,8 +161,12 @@ def changed_hparams(output_folder, hparams_file, overrides, free=FREE_KEYS):
             pinned[key] = reader.load("\n".join(before[key]))[key]
     with open(hparams_file, encoding="utf-8") as fin:
         after = _values_by_key(resolve_references(fin, pinned).getvalue())
-    return [key for key in sorted(before)
-            if before[key] != after.get(key) and key not in free]
+    changed = {key for key in before if before[key] != after.get(key) and key not in free}
+    for key, old_value in ADDED_WITH_NEW_BEHAVIOUR.items():
+        if key not in before and key in after:
+            if reader.load("\n".join(after[key]))[key] != old_value:
+                changed.add(key)
+    return sorted(changed)
 
 
 def _values_by_key(yaml_text):

@@ -14,6 +14,15 @@ from speechbrain.nnet.linear import Linear
 ACTIVATIONS = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
 
 
+def inter_ctc_problem(layers, num_layers):
+    """What is wrong with a list of intermediate CTC layers (1 = the first encoder layer) for an
+    encoder of `num_layers` layers, or None."""
+    for number in layers:
+        if not isinstance(number, int) or not 1 <= number <= num_layers:
+            return f"inter_ctc_layers: {number!r} is not an encoder layer (1 to {num_layers})"
+    return None
+
+
 def build_asr_modules(
     vocab_size,
     n_mels=80,
@@ -100,10 +109,9 @@ class ConformerASR(torch.nn.ModuleDict):
         layers' outputs are caught with forward hooks, inside this one call, so DDP sees them.
         """
         encoder = self["Transformer"].encoder
-        for number in inter_ctc_layers:
-            if not 1 <= number <= len(encoder.layers):
-                raise ValueError(f"inter_ctc_layers: {number} is not an encoder layer "
-                                 f"(1 to {len(encoder.layers)})")
+        problem = inter_ctc_problem(inter_ctc_layers, len(encoder.layers))
+        if problem:
+            raise ValueError(problem)
         caught = []
         hooks = [encoder.layers[number - 1].register_forward_hook(
                      lambda module, args, output: caught.append(output[0]))

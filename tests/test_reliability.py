@@ -449,6 +449,10 @@ def test_changed_hparams_pins_the_free_keys_and_ignores_keys_the_run_did_not_hav
     assert changed_hparams(run, yaml, "number_of_epochs: 4", FREE_ON_RESUME) == []
     yaml.write_text(yaml.read_text() + "added_later: 1\n")
     assert changed_hparams(run, yaml, "") == []
+    # ... unless the added key changes what training does (intermediate CTC on, session 14)
+    yaml.write_text(yaml.read_text() + "inter_ctc_weight: 0.0\n")
+    assert changed_hparams(run, yaml, "") == []
+    assert changed_hparams(run, yaml, "inter_ctc_weight: 0.3") == ["inter_ctc_weight"]
     assert changed_hparams(run, yaml, "lr: 0.2") == ["lr"]
     assert changed_hparams(tmp_path / "new_run", yaml, "lr: 0.2") == []
     # A comment edited, or added to a line, changes no value
@@ -466,3 +470,18 @@ def test_comments_are_cut_where_yaml_cuts_them():
     assert _without_comment("key: 'it''s # x' # c") == "key: 'it''s # x'"
     assert _without_comment("note: it's a#b # c") == "note: it's a#b"
     assert _without_comment("# whole line") == ""
+
+
+def test_train_refuses_an_intermediate_ctc_layer_the_encoder_lacks_before_any_work(tmp_path):
+    """Layer 9 of a 6-layer encoder: train.py names the YAML and the layer at start-up, before
+    preparing data (the data folder does not even exist) or saving the run's settings."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "train.py", "hparams/mini/conformer_dense.yaml",
+         "--data_folder", str(tmp_path / "no_corpus"), "--output_folder", str(run_dir),
+         "--inter_ctc_layers=[9]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "conformer_dense.yaml: inter_ctc_layers: 9 is not an encoder layer (1 to 6)" in (
+        done.stderr), done.stderr[-2000:]
+    assert not (run_dir / "hyperparams.yaml").exists()

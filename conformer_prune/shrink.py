@@ -134,10 +134,41 @@ class CompactConvolutionModule(ConvolutionModule):
         )
 
     def forward(self, x, mask=None, dynchunktrain_config=None):
-        if self.channels > 0:
+        if self.channels == 0:
+            out = self.dropout(self.bias.expand(*x.shape[:-1], -1))
+            return out if mask is None else out.masked_fill(mask, 0.0)
+        if self.training or torch.is_grad_enabled() or dynchunktrain_config is not None:
             return super().forward(x, mask, dynchunktrain_config)
-        out = self.dropout(self.bias.expand(*x.shape[:-1], -1))
-        return out if mask is None else out.masked_fill(mask, 0.0)
+        return self._inference_forward(x, mask)
+
+    def _inference_forward(self, x, mask):
+        """ConvolutionModule's function with the kernel-1 bottleneck as a matrix product on
+        the (batch, time, channels) input, before the transpose: SpeechBrain transposes the
+        LayerNorm output and runs a Conv1d on it, which at batch 16 with all 144 channels took
+        8.9 ms against 6.8 ms this way (150 frames, one thread; equal at 60 channels and at
+        batch 1)."""
+        bottleneck = self.bottleneck[0]
+        out = F.linear(self.layer_norm(x), bottleneck.weight.squeeze(-1), bottleneck.bias)
+        out = self.conv(F.glu(out, dim=-1).transpose(1, 2))
+        if self.causal:
+            out = out[..., : -self.padding]  # SpeechBrain's chomp
+        out = self.after_conv(out.transpose(1, 2))
+        if mask is not None:
+            out.masked_fill_(mask, 0.0)
+        return out
+
+
+def relative_shift_view(positions):
+    """RelPosMHAXL.rel_shift without its copies: the (batch, heads, time, time) view of the
+    position scores (batch, heads, time, 2 * time - 1) whose element (i, j) is element
+    (i, time - 1 - i + j), read with strides (row stride 2 * time - 2) from the same memory."""
+    positions = positions.contiguous()
+    batch, heads, time, span = positions.shape
+    return positions.as_strided(
+        (batch, heads, time, time),
+        (positions.stride(0), positions.stride(1), span - 1, 1),
+        positions.storage_offset() + time - 1,
+    )
 
 
 class RaggedRelPosMHAXL(RelPosMHAXL):
@@ -220,41 +251,59 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         p_k = by_head(F.linear(pos_embs, pos_w), width_q)
         attn_mask = attention_mask_4d(attn_mask, self.num_heads, qlen, key.shape[1])
         if attn_mask is not None and attn_mask.shape[1] > 1:
-            attn_mask = attn_mask[:, alive]
+            attn_mask = attn_mask[:, self._packed_heads()]
         k, v = by_head(k, width_q), by_head(v, width_v)
-        scored = [i for i, h in enumerate(alive) if self.query_widths[h] > 0]
-        if self.training or attn_mask is not None or len(scored) == heads:
+        if self._fast_path_applies(attn_mask, p_k, qlen, key.shape[1]):
+            context, weights = self._inference_attention(
+                q_u, q_v, k, p_k, v, key_padding_mask), None
+        else:
             context, weights = relpos_attention(
                 self, q_u, q_v, k, p_k, v, key_padding_mask, attn_mask)
-        else:
-            context, weights = self._with_uniform_heads(
-                scored, q_u, q_v, k, p_k, v, key_padding_mask), None
         context = context.transpose(1, 2).reshape(bsz, qlen, values)
         out = F.linear(context, out_w, self.out_proj.bias)
         if not return_attn_weights:
             return out
         return out, weights
 
-    def _with_uniform_heads(self, scored, q_u, q_v, k, p_k, v, key_padding_mask):
-        """The context of every live head when some have values but no query dimension: their
-        scores are all 0, so their softmax is uniform over the real keys and their context the
-        mean of their values over time, O(time) instead of O(time^2) (in eval mode only, where
-        no dropout acts on attention weights). The heads with queries attend as usual."""
-        heads = v.shape[1]
-        uniform = [i for i in range(heads) if i not in scored]
-        values = v[:, uniform]
-        if key_padding_mask is None:
-            mean = values.mean(dim=2, keepdim=True)
-        else:
-            real = (~key_padding_mask).to(values.dtype)[:, None, :, None]
-            mean = (values * real).sum(dim=2, keepdim=True) / real.sum(dim=2, keepdim=True)
-        parts = [mean.expand(-1, -1, v.shape[2], -1)]
+    def _fast_path_applies(self, attn_mask, p_k, qlen, klen):
+        """Inference without an attention mask, over 2 * time - 1 relative positions (what
+        RelPosEncXL gives): `_inference_attention` computes the same function for less."""
+        return (not self.training and not torch.is_grad_enabled() and attn_mask is None
+                and not self.mask_pos_future and qlen == klen and p_k.shape[2] == 2 * klen - 1)
+
+    def _inference_attention(self, q_u, q_v, k, p_k, v, key_padding_mask):
+        """The context of every live head (packed with the heads that have query dimensions
+        first), computed for less than `relpos_attention` does for the same values:
+        - heads with values but no query dimension have all scores 0, so their softmax is
+          uniform over the real keys and their context the mean of their values over time:
+          O(time) instead of O(time^2);
+        - the relative shift of the position scores is a strided view of them (element (i, j)
+          of the shifted matrix is element (i, time - 1 - i + j) of the unshifted one), added
+          in place to the content scores: no padded copy as in RelPosMHAXL.rel_shift;
+        - the padding mask is applied in place, and only when a key is padded; a row cannot be
+          fully masked (every utterance has a frame), so the softmax leaves no NaN to clear.
+        Scores, softmax and context equal relpos_attention's to float rounding
+        (tests/test_shrink.py)."""
+        scored = self._scored_heads()
+        parts = []
         if scored:
-            attended, _ = relpos_attention(self, q_u[:, scored], q_v[:, scored], k[:, scored],
-                                           p_k[:, scored], v[:, scored], key_padding_mask)
-            parts.insert(0, attended)
-        order = torch.tensor(scored + uniform, device=v.device)
-        return torch.cat(parts, dim=1).index_select(1, torch.argsort(order))
+            scores = torch.matmul(q_u[:, :scored] * self.scale, k[:, :scored].transpose(-1, -2))
+            positions = torch.matmul(q_v[:, :scored] * self.scale,
+                                     p_k[:, :scored].transpose(-1, -2))
+            scores += relative_shift_view(positions)
+            if key_padding_mask is not None and key_padding_mask.any():
+                padding = key_padding_mask.view(key_padding_mask.shape[0], 1, 1, -1)
+                scores.masked_fill_(padding, self.attn_fill_value)
+            parts.append(torch.matmul(torch.softmax(scores, dim=-1), v[:, :scored]))
+        if scored < v.shape[1]:
+            values = v[:, scored:]
+            if key_padding_mask is None:
+                mean = values.mean(dim=2, keepdim=True)
+            else:
+                real = (~key_padding_mask).to(values.dtype)[:, None, :, None]
+                mean = (values * real).sum(dim=2, keepdim=True) / real.sum(dim=2, keepdim=True)
+            parts.append(mean.expand(-1, -1, v.shape[2], -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _packed_weights(self):
         """The parameters laid out head by head, each head padded to the widest live head:
@@ -271,7 +320,8 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         return cached[1]
 
     def _pack(self):
-        q_src, q_dst, v_dst, width_q, width_v = self._padding_indices(self.in_proj_weight.device)
+        q_src, q_dst, v_src, v_dst, width_q, width_v = self._padding_indices(
+            self.in_proj_weight.device)
         queries = sum(self.query_widths)
         w_q, w_k, w_v = self.in_proj_weight.split(
             [queries, queries, sum(self.value_widths)], dim=0)
@@ -285,37 +335,52 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
         heads = len(self._alive_heads())
         rows_q, rows_v = heads * width_q, heads * width_v
         in_w = torch.cat([pack(w_q, q_src, q_dst, rows_q), pack(w_k, q_src, q_dst, rows_q),
-                          pack(w_v, None, v_dst, rows_v)])
+                          pack(w_v, v_src, v_dst, rows_v)])
         return (in_w, pack(self.pos_bias_u, q_src, q_dst, rows_q),
                 pack(self.pos_bias_v, q_src, q_dst, rows_q),
                 pack(self.linear_pos.weight, q_src, q_dst, rows_q),
-                pack(self.out_proj.weight, None, v_dst, rows_v, dim=1), width_q, width_v)
+                pack(self.out_proj.weight, v_src, v_dst, rows_v, dim=1), width_q, width_v)
 
     def _alive_heads(self):
         """Heads that still have a value dimension (the others contribute nothing)."""
         return [h for h, width in enumerate(self.value_widths) if width > 0]
 
+    def _packed_heads(self):
+        """The live heads in their packed order: those with query dimensions first, so that
+        `_inference_attention` takes them and the value-only heads as two slices."""
+        alive = self._alive_heads()
+        return ([h for h in alive if self.query_widths[h] > 0]
+                + [h for h in alive if self.query_widths[h] == 0])
+
+    def _scored_heads(self):
+        """How many of the packed heads have query dimensions (they come first)."""
+        return sum(1 for h in self._alive_heads() if self.query_widths[h] > 0)
+
     def _padding_indices(self, device):
         """Where each kept query and value dimension of a live head goes in the padded layout
-        (heads side by side, each as wide as the widest): (q_src, q_dst, v_dst, query width,
-        value width), cached."""
+        (heads side by side in `_packed_heads` order, each as wide as the widest): (q_src,
+        q_dst, v_src, v_dst, query width, value width), cached."""
         cache = self.__dict__.setdefault("_index_cache", {})
         if device not in cache:
             cache[device] = self._make_padding_indices(device)
         return cache[device]
 
     def _make_padding_indices(self, device):
-        alive = self._alive_heads()
-        width_q = max(self.query_widths[h] for h in alive)
-        width_v = max(self.value_widths[h] for h in alive)
-        q_starts = [sum(self.query_widths[:h]) for h in range(self.num_heads)]
-        q_src = [q_starts[h] + j for h in alive for j in range(self.query_widths[h])]
-        q_dst = [slot * width_q + j for slot, h in enumerate(alive)
-                 for j in range(self.query_widths[h])]
-        v_dst = [slot * width_v + j for slot, h in enumerate(alive)
-                 for j in range(self.value_widths[h])]
-        indices = (torch.tensor(i, dtype=torch.long, device=device) for i in (q_src, q_dst, v_dst))
-        return (*indices, width_q, width_v)
+        packed = self._packed_heads()
+        width_q = max(self.query_widths[h] for h in packed)
+        width_v = max(self.value_widths[h] for h in packed)
+
+        def source_and_slots(widths, width):
+            """Stored rows of each packed head, and where they go in the padded layout."""
+            starts = [sum(widths[:h]) for h in range(self.num_heads)]
+            source = [starts[h] + j for h in packed for j in range(widths[h])]
+            slots = [slot * width + j for slot, h in enumerate(packed) for j in range(widths[h])]
+            return source, slots
+
+        indices = (*source_and_slots(self.query_widths, width_q),
+                   *source_and_slots(self.value_widths, width_v))
+        tensors = (torch.tensor(i, dtype=torch.long, device=device) for i in indices)
+        return (*tensors, width_q, width_v)
 
     def extra_repr(self):
         return f"query_widths={self.query_widths}, value_widths={self.value_widths}"
@@ -324,11 +389,20 @@ class RaggedRelPosMHAXL(RelPosMHAXL):
 # --------------------------------------------------- compact modules of given widths (empty)
 
 
+class CompactFeedForward(PositionalwiseFeedForward):
+    """SpeechBrain's PositionalwiseFeedForward (same modules), on (batch, time, features) as
+    given: SpeechBrain's forward permutes to (time, batch) and back, which changes no value
+    (its Linear layers act on the last dimension) and costs a copy of the activations."""
+
+    def forward(self, x):
+        return self.ffn(x)
+
+
 def compact_ffn(ffn, width):
     """A PositionalwiseFeedForward like `ffn` with `width` hidden units."""
     linear1, activation, dropout, _ = ffn.ffn
     return _quiet(
-        lambda: PositionalwiseFeedForward(
+        lambda: CompactFeedForward(
             width, input_size=linear1.in_features, dropout=dropout.p, activation=type(activation)
         )
     )
@@ -359,6 +433,7 @@ def compact_conv(conv, channels):
     )
 
 
+COMPACT_CLASSES = (CompactFeedForward, RaggedRelPosMHAXL, CompactConvolutionModule)
 COMPACT_BUILDERS = {
     "ffn1": compact_ffn,
     "ffn2": compact_ffn,
@@ -479,11 +554,14 @@ def _replace(layer, name, module, like):
     setattr(parent, attribute, module)
 
 
-def shrink_modules(modules, keep=None):
+def shrink_modules(modules, keep=None, every_module=False):
     """Replaces every pruned module by its compact version, in place; returns the widths.
 
     keep: {(layer, site): bool mask} from any method (sites.py); None takes the gates'
-    decision (gated_conformer.gate_keep). Modules with no site in `keep` stay as they are.
+    decision (gated_conformer.gate_keep). Modules with no site in `keep` stay as they are,
+    unless `every_module`: then they too become compact modules, keeping every unit, so that
+    a model runs the compact modules' inference code in every layer (`conformer-prune shrink`
+    does this: a dense run shrunk is then timed with the same code as a pruned one).
     widths = {"layers": [{"ffn1": int, "ffn2": int, "attention": {"query": [per head],
     "value": [per head]}, "conv": int}, ...]}, one dict per encoder layer with its pruned sites.
     """
@@ -493,10 +571,12 @@ def shrink_modules(modules, keep=None):
     for i, layer in enumerate(encoder_layers(modules)):
         widths = {}
         for name, path in MODULE_PATHS.items():
-            masks = module_keep(keep, i, name, layer)
+            module = layer.get_submodule(path)
+            # A module already compact (a model trained at compact widths) has nothing to gain.
+            full = every_module and not isinstance(module, COMPACT_CLASSES)
+            masks = module_keep(keep, i, name, layer, full)
             if masks is None:
                 continue
-            module = layer.get_submodule(path)
             compact, widths[name] = SHRINKERS[name](module, _on(masks, module))
             _replace(layer, name, compact, like=module)
         layers.append(widths)
@@ -829,7 +909,7 @@ def shrink_run(path, out_dir, threshold=None):
     if threshold is not None:
         set_threshold(modules, threshold)
     before = _parts(count_params(param_state(modules)))
-    widths = shrink_modules(modules)
+    widths = shrink_modules(modules, every_module=True)
     if run["base_widths"] is not None:  # trained compact: the shrink had nothing to remove
         widths = run["base_widths"]
     if run["tokenizer"] and run["normalizer"]:

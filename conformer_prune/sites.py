@@ -157,13 +157,15 @@ def effective_keep(query_keep, value_keep):
     return query_keep & value_keep.any(dim=1, keepdim=True), value_keep
 
 
-def module_keep(keep, i, name, layer):
+def module_keep(keep, i, name, layer, every_module=False):
     """The keep masks of one shrinkable module (MODULE_PATHS name) of layer i, or None if no
-    site of that module is pruned. Sites absent from `keep` keep every unit."""
+    site of that module is pruned (with `every_module`, masks that keep every unit). Sites
+    absent from `keep` keep every unit."""
     sites = MODULE_SITES[name]
-    if not any((i, site) in keep for site in sites):
+    pruned = [keep[(i, site)] for site in sites if (i, site) in keep]
+    if not pruned and not every_module:
         return None
-    device = next(keep[(i, site)] for site in sites if (i, site) in keep).device
+    device = pruned[0].device if pruned else next(layer.parameters()).device
     masks = []
     for site in sites:
         mask = keep.get((i, site))

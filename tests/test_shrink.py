@@ -252,7 +252,64 @@ def test_shrink_subcommand_on_a_run_folder(tmp_path):
     compact = load_compact(out).eval()
     assert report["params"]["after"] == params_if_shrunk(gated)
     assert_same_outputs(gated.eval(), compact)
+    # Modules with no gate (the convolution modules here) are compact too, every unit kept:
+    # one inference code for every layer, pruned or not.
+    for layer in report["widths"]["layers"]:
+        assert set(layer) == {"ffn1", "ffn2", "attention", "conv"}
+        assert layer["conv"] == ARCH["d_model"]
 
     # A checkpoint folder works too; its run folder is two levels up.
     checkpoint = next((run_dir / "save").glob("CKPT+*"))
     assert shrink_run(checkpoint, tmp_path / "from_ckpt")["checkpoint"] == str(checkpoint)
+
+
+# ------------------------------------------------------------ the compact attention's fast path
+
+
+@pytest.mark.parametrize("time", [1, 2, 7, 40])
+def test_relative_shift_view_equals_speechbrains_rel_shift(time):
+    from speechbrain.nnet.attention import RelPosMHAXL
+
+    from conformer_prune.shrink import relative_shift_view
+
+    positions = torch.randn(2, 3, time, 2 * time - 1)
+    assert torch.equal(relative_shift_view(positions), RelPosMHAXL(12, 3).rel_shift(positions))
+
+
+def test_inference_attention_equals_the_general_path():
+    """In eval mode without autograd the compact attention takes `_inference_attention`; the
+    same module with autograd on takes relpos_attention, SpeechBrain's steps. Both give the
+    same output, with a value-only head, an emptied head and padded keys."""
+    from conformer_prune.shrink import RaggedRelPosMHAXL
+    from speechbrain.nnet.attention import RelPosEncXL
+
+    torch.manual_seed(0)
+    mha = RaggedRelPosMHAXL(16, 4, query_widths=[0, 3, 4, 1], value_widths=[2, 0, 4, 3]).eval()
+    with torch.no_grad():
+        for parameter in mha.parameters():
+            parameter.normal_()
+    x = torch.randn(3, 9, 16)
+    pos_embs = RelPosEncXL(16)(x)
+    padding = torch.arange(9)[None, :] >= torch.tensor([9, 6, 2])[:, None]
+    with torch.no_grad():
+        fast, _ = mha(x, x, x, pos_embs, key_padding_mask=padding)
+    general, _ = mha(x, x, x, pos_embs, key_padding_mask=padding)
+    assert torch.allclose(fast, general.detach(), atol=1e-5), float((fast - general).abs().max())
+
+
+@pytest.mark.parametrize("kept, total", [(5, 12), (12, 12), (1, 12)])
+def test_phantom_layer_norm_equals_layer_norm_over_all_channels(kept, total):
+    """The kept channels of LayerNorm(total) over [x, phantom constants], with an offset that
+    would expose a cancelling formula."""
+    from conformer_prune.shrink import PhantomLayerNorm
+
+    torch.manual_seed(0)
+    norm = PhantomLayerNorm(kept, total)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.normal_(mean=3.0)
+    x = torch.randn(2, 7, kept) * 2 + 3.0
+    full = torch.cat([x, norm.phantom.expand(2, 7, -1)], dim=-1)
+    expected = torch.nn.functional.layer_norm(full, (total,))[..., :kept] * norm.weight + norm.bias
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+

@@ -6,7 +6,8 @@
         --out speed.json --markdown speed.md
 
 Both folders are inference folders written by `conformer-prune shrink` (on a dense run it
-writes the dense model unchanged). Every row is one way to run a model; for each, in this one
+writes the dense model in the same compact modules, every unit kept, so that both run the same
+code). Every row is one way to run a model; for each, in this one
 process and at one thread count:
 - real-time factor (seconds of compute per second of audio) of the full decode (waveform to
   tokens) and of the encoder alone (waveform to encoder states), at batch 1 (the timing
